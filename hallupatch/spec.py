@@ -1,0 +1,196 @@
+"""Model-family specs: *where* the parts of a model are, never *what* an algorithm does.
+
+A family is described by a :class:`FamilySpec` in ``patches/<family>.py`` and registered with
+:func:`register_family`. The engine resolves a spec against a model instance into a
+:class:`ModelParts` (the actual modules), and every algorithm works on ``ModelParts`` only, so no
+algorithm ever branches on the family.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PassInfo:
+    """What the engine needs to know about one forward pass of the decoder stack.
+
+    ``real_positions``: bool ``(batch, new_positions)`` mask of the non-padding positions that this
+    pass processes (``None`` = no padding). ``is_prefill``: the pass starts a new sequence (no cache).
+    """
+
+    real_positions: Optional[torch.Tensor]
+    is_prefill: bool
+
+
+def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    """Map a forward call's positional and keyword arguments to parameter names."""
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    return dict(bound.arguments)
+
+
+def cache_length(past_key_values: Any) -> int:
+    """Number of cached positions in a transformers cache (legacy tuple, ``Cache`` or ``None``)."""
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    if isinstance(past_key_values, (tuple, list)):
+        if len(past_key_values) == 0 or past_key_values[0] is None:
+            return 0
+        first = past_key_values[0]
+        key = first[0] if isinstance(first, (tuple, list)) else first
+        return 0 if key is None else int(key.shape[-2])
+    return 0
+
+
+def hf_pass_info(module: nn.Module, args: tuple, kwargs: dict) -> PassInfo:
+    """PassInfo for decoder stacks called like transformers' ``LlamaModel.forward``.
+
+    The 2-D ``attention_mask`` covers cached plus new positions; the new positions are its last
+    ``seq_len`` columns. A pass is a prefill when the cache is empty.
+    """
+    call = bind_call(module, args, kwargs)
+    embeds = call.get("inputs_embeds")
+    ids = call.get("input_ids")
+    seq_len = (embeds if embeds is not None else ids).shape[1]
+    mask = call.get("attention_mask")
+    real = None
+    if mask is not None and mask.dim() == 2:
+        real = mask[:, -seq_len:].bool()
+    return PassInfo(real_positions=real, is_prefill=cache_length(call.get("past_key_values")) == 0)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Declarative description of one model family.
+
+    Every ``*_paths`` field lists dotted attribute paths from the top-level model, tried in order;
+    the first one that exists wins (so one spec covers e.g. ``LlamaForCausalLM`` and a
+    ``LlavaForConditionalGeneration`` wrapping one). Paths in ``layer_*`` fields are relative to
+    one decoder layer.
+
+    Detection is structural: a model belongs to the family when ``layers_paths`` resolves to a
+    ``ModuleList`` whose layers all have every path of ``layer_signature``.
+    """
+
+    name: str
+    decoder_paths: Tuple[str, ...]        # module whose forward runs the whole decoder stack
+    layers_paths: Tuple[str, ...]         # nn.ModuleList of decoder layers
+    final_norm_paths: Tuple[str, ...]
+    lm_head_paths: Tuple[str, ...]
+    visual_paths: Tuple[str, ...]         # module whose output are the visual tokens (may be absent)
+    layer_signature: Tuple[str, ...]
+    layer_ffn: str                        # the feed-forward module of a layer
+    layer_ffn_in: str                     # its input projection weight (W_in of DESIGN 4b)
+    layer_ffn_out: str                    # its output projection weight (W_out of DESIGN 4b)
+    adapter_activation: str               # MemVR's default adapter activation for the family
+    pass_info: Callable[[nn.Module, tuple, dict], PassInfo] = hf_pass_info
+    # token id that marks one image in input_ids (one occurrence per image), read from the model
+    image_token_id: Callable[[nn.Module], Optional[int]] = lambda model: None
+    # turns the visual module's output into a (num_images, tokens, hidden) tensor
+    visual_output: Callable[[Any], torch.Tensor] = lambda output: output
+    # published MemVR defaults for the family, overriding MemVRConfig's own defaults
+    memvr_defaults: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelParts:
+    """A :class:`FamilySpec` resolved against one model instance."""
+
+    spec: FamilySpec
+    model: nn.Module
+    decoder: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+    visual: Optional[nn.Module]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def ffn(self, layer: int) -> nn.Module:
+        return get_path(self.layers[layer], self.spec.layer_ffn)
+
+    def ffn_weights(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        block = self.layers[layer]
+        return get_path(block, self.spec.layer_ffn_in), get_path(block, self.spec.layer_ffn_out)
+
+
+_MISSING = object()
+
+
+def get_path(obj: Any, path: str, default: Any = _MISSING) -> Any:
+    """``get_path(model, "language_model.model.layers")``; raises AttributeError unless default given."""
+    for name in path.split("."):
+        nxt = getattr(obj, name, _MISSING)
+        if nxt is _MISSING or nxt is None:
+            if default is _MISSING:
+                raise AttributeError(path)
+            return default
+        obj = nxt
+    return obj
+
+
+def first_path(obj: Any, paths: Sequence[str]) -> Optional[Any]:
+    for path in paths:
+        found = get_path(obj, path, None)
+        if found is not None:
+            return found
+    return None
+
+
+_REGISTRY: List[FamilySpec] = []
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Add (or replace, by name) a family spec in the registry."""
+    _REGISTRY[:] = [s for s in _REGISTRY if s.name != spec.name] + [spec]
+    return spec
+
+
+def registered_families() -> List[FamilySpec]:
+    import hallupatch.patches  # noqa: F401  (registers the built-in families)
+
+    return list(_REGISTRY)
+
+
+def matches(spec: FamilySpec, model: nn.Module) -> bool:
+    layers = first_path(model, spec.layers_paths)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return False
+    return all(get_path(layer, p, None) is not None for layer in layers for p in spec.layer_signature)
+
+
+def resolve(model: nn.Module) -> ModelParts:
+    """Find the family of ``model`` by structure and return its parts.
+
+    Raises ``TypeError`` naming the supported families when none matches.
+    """
+    families = registered_families()
+    for spec in families:
+        if not matches(spec, model):
+            continue
+        parts = dict(
+            decoder=first_path(model, spec.decoder_paths),
+            layers=first_path(model, spec.layers_paths),
+            final_norm=first_path(model, spec.final_norm_paths),
+            lm_head=first_path(model, spec.lm_head_paths),
+        )
+        missing = [name for name, module in parts.items() if module is None]
+        if missing:
+            continue
+        return ModelParts(spec=spec, model=model, visual=first_path(model, spec.visual_paths), **parts)
+    names = ", ".join(s.name for s in families)
+    raise TypeError(
+        f"hallupatch does not support {type(model).__name__}: supported families are {names} "
+        "(LLaVA-1.5 / LlamaForCausalLM, Qwen-VL-Chat QWenLMHeadModel, GLM-4V-9b ChatGLMForConditionalGeneration)."
+    )

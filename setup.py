@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="hallupatch",
+    version="0.1.0",
+    description="Decoding-time hallucination mitigation for multimodal LLMs by patching Hugging Face model code.",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["hallupatch", "hallupatch.eval", "hallupatch.methods", "hallupatch.patches", "hallupatch.dropin"],
+    # The family specs and the drop-in modeling files live at the top level of the repository
+    # (the product's layout) and are installed inside the package.
+    package_dir={"hallupatch.patches": "patches", "hallupatch.dropin": "modeling"},
+    package_data={"hallupatch.dropin": ["*.py"], "hallupatch": ["data/*"]},
+    install_requires=[
+        "transformers==4.40.0",
+        "torch",
+        "safetensors",
+        "huggingface-hub",
+        "datasets",
+        "evaluate",
+    ],
+    extras_require={"test": ["pytest"]},
+)
