@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 PathLike = Union[str, Path]
 
@@ -243,7 +243,7 @@ def sample_image_ids(image_ids: Iterable[int], n: Optional[int], seed: int = 0) 
 class CaptionScore:
     """Per-caption CHAIR details."""
 
-    image_id: int
+    image_id: Hashable
     caption: str
     mentioned: List[Tuple[str, str]]  # (word as written after singularisation, category)
     hallucinated: List[Tuple[str, str]]
@@ -299,11 +299,13 @@ class ChairResult:
 
 
 def score_captions(
-    captions: Iterable[Tuple[int, str]],
-    ground_truth: Mapping[int, Set[str]],
+    captions: Iterable[Tuple[Hashable, str]],
+    ground_truth: Mapping[Hashable, Set[str]],
     words: Optional[ChairWords] = None,
 ) -> ChairResult:
     """Score ``(image_id, caption)`` pairs against ``ground_truth`` (``{image_id: categories}``).
+
+    Ids are compared as given (COCO ground truth uses ``int`` ids; region captions use sample ids).
 
     An image id absent from ``ground_truth`` is a ``KeyError`` naming it (a caption of an image the
     annotations do not know cannot be scored).
@@ -311,7 +313,6 @@ def score_captions(
     words = words or ChairWords()
     scores: List[CaptionScore] = []
     for image_id, caption in captions:
-        image_id = int(image_id)
         if image_id not in ground_truth:
             raise KeyError(f"image_id {image_id} is not in the COCO annotations given for CHAIR")
         gt = set(ground_truth[image_id])
