@@ -23,6 +23,8 @@ setup(
         "huggingface-hub",
         "datasets",
         "evaluate",
+        "lemminflect",  # CHAIR's singulariser: ships its data, works offline (NLTK's data cannot be pip-installed)
+        "pycocoevalcap",  # official COCO caption metrics (BLEU/METEOR/ROUGE-L/CIDEr); needs a Java runtime
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -112,14 +112,14 @@ def test_region_chair_against_references():
 def test_region_prompts():
     # 200x100 image, box x=20 y=10 w=40 h=30 (x2=60, y2=40). LLaVA pads to a 200x200 square, image
     # pasted 50 px down: [20/200, 60/200, 60/200, 90/200].
-    assert region_prompt("llava", (20, 10, 40, 30), 200, 100) == (
+    assert region_prompt("llava-hf", (20, 10, 40, 30), 200, 100) == (
         "Please provide a short description for this region: [0.10, 0.30, 0.30, 0.45]")
     # Qwen-VL / GLM-4V: integer coordinates in [0, 1000) of the unpadded image.
-    assert "<box>(100,100),(300,400)</box>" in region_prompt("qwen", (20, 10, 40, 30), 200, 100)
-    assert "[[100,100,300,400]]" in region_prompt("glm", (20, 10, 40, 30), 200, 100)
+    assert "<box>(100,100),(300,400)</box>" in region_prompt("qwen-vl", (20, 10, 40, 30), 200, 100)
+    assert "[[100,100,300,400]]" in region_prompt("glm-4v", (20, 10, 40, 30), 200, 100)
     # A full-image box stays inside [0, 999].
-    assert "<box>(0,0),(999,999)</box>" in region_prompt("qwen", (0, 0, 200, 100), 200, 100)
-    assert set(REGION_PROMPTS) == {"llava", "qwen", "glm"}
+    assert "<box>(0,0),(999,999)</box>" in region_prompt("qwen-vl", (0, 0, 200, 100), 200, 100)
+    assert set(REGION_PROMPTS) == {"llava-hf", "llava", "qwen-vl", "glm-4v"}
     with pytest.raises(ValueError, match="known"):
         region_prompt("blip", (0, 0, 1, 1), 10, 10)
 

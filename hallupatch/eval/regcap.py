@@ -151,14 +151,17 @@ class RegionPrompt:
 # LLaVA-1.5: its RefCOCO region-caption instruction, box normalised to [0, 1] on the padded square, 2 decimals.
 # Qwen-VL: its grounding tags, integer coordinates in [0, 1000).
 # GLM-4V: box in the question, integer coordinates in [0, 1000), CogVLM/GLM's [[x1,y1,x2,y2]] form.
+_LLAVA_REGION = RegionPrompt("Please provide a short description for this region: [{x1}, {y1}, {x2}, {y2}]",
+                             scale=1.0, decimals=2, pad_to_square=True)
+# Keyed by the harness's recipe families (hallupatch.eval.models.RECIPES).
 REGION_PROMPTS: Dict[str, RegionPrompt] = {
-    "llava": RegionPrompt("Please provide a short description for this region: [{x1}, {y1}, {x2}, {y2}]",
-                          scale=1.0, decimals=2, pad_to_square=True),
-    "qwen": RegionPrompt("<ref>the region</ref><box>({x1},{y1}),({x2},{y2})</box> "
-                         "Please provide a short description for this region.",
-                         scale=1000.0, decimals=0),
-    "glm": RegionPrompt("Please provide a short description for the region [[{x1},{y1},{x2},{y2}]].",
-                        scale=1000.0, decimals=0),
+    "llava-hf": _LLAVA_REGION,
+    "llava": _LLAVA_REGION,
+    "qwen-vl": RegionPrompt("<ref>the region</ref><box>({x1},{y1}),({x2},{y2})</box> "
+                            "Please provide a short description for this region.",
+                            scale=1000.0, decimals=0),
+    "glm-4v": RegionPrompt("Please provide a short description for the region [[{x1},{y1},{x2},{y2}]].",
+                           scale=1000.0, decimals=0),
 }
 
 
