@@ -6,7 +6,7 @@ generation length, scorer and table from :mod:`hallupatch.eval.caption_tasks`.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
 import time
@@ -39,7 +39,7 @@ Caption benchmarks (--data is required):
 
 def add_arguments(parser) -> None:
     """The caption benchmarks' options, on the harness's parser."""
-    g = parser.add_argument_group("chair / regcap / phd")
+    g = parser.add_argument_group("chair / regcap / phd", description=HELP)
     g.add_argument("--num-images", type=int, default=ct.CHAIR_NUM_IMAGES,
                    help=f"CHAIR: images drawn from the annotations (default {ct.CHAIR_NUM_IMAGES}; 0 = all)")
     g.add_argument("--seed", type=int, default=0, help="CHAIR: seed of the image sample (default 0)")
@@ -122,7 +122,33 @@ def _write_results(args, task: Task, texts: Mapping[str, str], out: Path, settin
     return scores
 
 
-def run(args, backend, *, embedded: bool, knobs: Mapping[str, Any], model_setting: str) -> Optional[Dict]:
+EMBEDDED_CAPTION_TOKENS = 24  # the random tiny model rarely stops by itself
+
+
+def run_from_cli(args, backend=None, embedded: bool = False) -> Optional[Dict]:
+    """Entry from :func:`hallupatch.eval.cli.run`: load the model (or the built-in tiny one) and run."""
+    from . import cli, models, sample
+
+    if args.answers:
+        return run(args, None, knobs={}, model_setting="")
+    knobs = cli._knobs(args, embedded)
+    if embedded:
+        backend = sample.tiny_backend()
+        if args.batch_size is None:
+            args.batch_size = cli.EMBEDDED_BATCH_SIZE
+        if args.max_new_tokens is None:
+            args.max_new_tokens = EMBEDDED_CAPTION_TOKENS if args.benchmark in FREE_TEXT else cli.EMBEDDED_MAX_NEW_TOKENS
+    elif backend is None:
+        backend = models.load_backend(args.model, args.family, args.device, args.dtype, work_dir=Path(args.output))
+    if args.method != "none":
+        import hallupatch
+
+        hallupatch.apply(backend.model, method=args.method, **knobs)
+    model = cli.EMBEDDED_MODEL if embedded else (str(Path(args.model).resolve()) if args.model else backend.name)
+    return run(args, backend, knobs=knobs, model_setting=model)
+
+
+def run(args, backend, *, knobs: Mapping[str, Any], model_setting: str) -> Optional[Dict]:
     """Run a caption benchmark with the harness's parsed ``args`` (``--answers``: score only)."""
     from . import runner
 
@@ -142,9 +168,26 @@ def run(args, backend, *, embedded: bool, knobs: Mapping[str, Any], model_settin
             raise ValueError(f"--limit must be >= 1; got {args.limit}")
         task.questions = task.questions[: args.limit]
     runner.check_unique(task.questions)
-    if args.benchmark in FREE_TEXT:
-        backend = copy.copy(backend)
-        backend.recipe = dataclasses.replace(backend.recipe, question_style="as_is")
+    style = "as_is" if args.benchmark in FREE_TEXT else backend.recipe.question_style
+    with _question_style(backend, style):
+        return _answer_and_score(args, backend, task, proc, knobs, model_setting)
+
+
+@contextlib.contextmanager
+def _question_style(backend, style: str):
+    """Ask with ``style`` for this run (the backend's recipe is restored afterwards)."""
+    saved = backend.recipe
+    backend.recipe = dataclasses.replace(saved, question_style=style)
+    try:
+        yield
+    finally:
+        backend.recipe = saved
+
+
+def _answer_and_score(args, backend, task: Task, proc, knobs, model_setting: str) -> Optional[Dict]:
+    from . import runner
+
+    out = Path(args.output)
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.benchmark] or backend.recipe.max_new_tokens
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1; got {max_new_tokens}")
@@ -174,7 +217,7 @@ def run(args, backend, *, embedded: bool, knobs: Mapping[str, Any], model_settin
 
     start = time.perf_counter()
     produced = runner.answer_questions(
-        backend, task.questions, out, batch_size=args.batch_size, max_new_tokens=max_new_tokens, proc=proc,
+        backend, task.questions, out, batch_size=args.batch_size or 1, max_new_tokens=max_new_tokens, proc=proc,
         trace="memvr" in args.method.split("+"), progress=not args.no_progress,
     )
     elapsed = time.perf_counter() - start

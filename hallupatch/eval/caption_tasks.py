@@ -143,19 +143,20 @@ def load_regcap(data: PathLike, family: Optional[str], image_folder: Optional[Pa
                         "with refs(umd).p and instances.json)")
     folder = Path(image_folder) if image_folder else base / "images"
     questions = []
-    if need_images:
-        from PIL import Image
-
-        for s in samples:
-            path = Path(s.image) if Path(s.image).is_absolute() else folder / s.image
+    for s in samples:
+        path = Path(s.image) if Path(s.image).is_absolute() else folder / s.image
+        prompt = ""  # scoring answers made elsewhere asks nothing
+        if need_images:
             if not path.is_file():
                 raise DataError(f"region caption image not found: {path} (sample {s.sample_id})")
+            from PIL import Image
+
             with Image.open(path) as im:
                 width, height = im.size
-            questions.append(Question(qid=s.sample_id, group="regcap", image_id=s.sample_id,
-                                      image_name=Path(s.image).name,
-                                      question=region_prompt(family, s.bbox, width, height),
-                                      answer=" | ".join(s.references), image=str(path), source=str(path)))
+            prompt = region_prompt(family, s.bbox, width, height)
+        questions.append(Question(qid=s.sample_id, group="regcap", image_id=s.sample_id,
+                                  image_name=Path(s.image).name, question=prompt,
+                                  answer=" | ".join(s.references), image=str(path), source=str(path)))
     return RegcapData(samples, questions)
 
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from hallupatch.eval import models, runner, sample, tasks
+from hallupatch.eval import caption_cli, models, runner, sample, tasks
 from hallupatch.eval.store import StoreError, check_settings, prepare_output
 
 EMBEDDED_MODEL = "embedded:tiny-llava"
@@ -36,6 +36,9 @@ Real runs:
   accelerate launch -m hallupatch.eval mme --model CKPT --data MME   # one shard per process
   python -m hallupatch.eval mme --answers llava_answers.jsonl --data MME   # score answers made elsewhere
 
+Caption hallucination: chair (COCO captions), regcap (RefCOCOg region captions), phd (PhD yes/no);
+  python -m hallupatch.eval chair --help  lists their data layouts.
+
 Rerunning the same command resumes: finished questions are skipped. Results go to --output:
 answers.jsonl, scores.json, run.json (settings) and, for MME, mme_tool/<subtask>.txt for the
 official eval_tool/calculation.py.
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hallupatch.eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("benchmark", choices=["mme", "pope"], help="the benchmark")
+    p.add_argument("benchmark", choices=["mme", "pope", *caption_cli.BENCHMARKS], help="the benchmark")
     p.add_argument("--model", help="checkpoint folder (llava-hf, original LLaVA, Qwen-VL-Chat, GLM-4V-9b); "
                    "default: the built-in tiny LLaVA")
     p.add_argument("--family", choices=sorted(models.RECIPES), help="model family and prompt recipe (default: from config.json)")
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answers", help="score this answers JSONL (LLaVA format: question_id, text[, prompt]) without a model")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in --output instead of resuming it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    caption_cli.add_arguments(p)
     return p
 
 
@@ -109,6 +113,8 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
         tag = f"answers-{Path(args.answers).stem}" if args.answers else f"{model_name}-{args.method}"
         args.output = str(Path("hallupatch_output") / _slug(f"{args.benchmark}-{tag}"))
     out = Path(args.output)
+    if args.benchmark in caption_cli.BENCHMARKS:
+        return caption_cli.run_from_cli(args, backend, embedded)
     proc = runner.current_process()
 
     questions = _load_questions(args)
