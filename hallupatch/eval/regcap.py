@@ -149,8 +149,8 @@ class RegionPrompt:
 
 
 # LLaVA-1.5: its RefCOCO region-caption instruction, box normalised to [0, 1] on the padded square, 2 decimals.
-# Qwen-VL: its grounding tags, integer coordinates in [0, 1000).
-# GLM-4V: box in the question, integer coordinates in [0, 1000), CogVLM/GLM's [[x1,y1,x2,y2]] form.
+# Qwen-VL: its grounding tags, integer coordinates in [0, 1000) (instruction wording ours).
+# GLM-4V: box in the question, integer coordinates in [0, 1000), the [[x1,y1,x2,y2]] form (wording ours).
 _LLAVA_REGION = RegionPrompt("Please provide a short description for this region: [{x1}, {y1}, {x2}, {y2}]",
                              scale=1.0, decimals=2, pad_to_square=True)
 # Keyed by the harness's recipe families (hallupatch.eval.models.RECIPES).
