@@ -135,11 +135,20 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     if embedded:
         backend = sample.tiny_backend()
     elif backend is None:
-        backend = models.load_backend(args.model, args.family, args.device, args.dtype, work_dir=out)
+        device = args.device or proc.device  # several processes on GPUs: one GPU each
+        backend = models.load_backend(args.model, args.family, device, args.dtype, work_dir=out)
     if args.method != "none":
         import hallupatch
 
         hallupatch.apply(backend.model, method=args.method, **knobs)
+    try:
+        return _answer_and_score(args, backend, questions, out, proc, embedded, knobs)
+    finally:
+        if args.method != "none":
+            hallupatch.remove(backend.model)
+
+
+def _answer_and_score(args, backend, questions, out: Path, proc, embedded: bool, knobs) -> Optional[Dict[str, Any]]:
     max_new_tokens = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if embedded else backend.recipe.max_new_tokens)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1; got {max_new_tokens}")

@@ -29,11 +29,15 @@ from hallupatch.eval.tasks import DataError, Question
 # --------------------------------------------------------------------------- processes
 @dataclass
 class Distributed:
-    """This process's place among the evaluation processes (``accelerate launch`` or one process)."""
+    """This process's place among the evaluation processes (``accelerate launch`` or one process).
+
+    ``device``: the device this process should use (its own GPU when launched on several), or ``None``.
+    """
 
     rank: int = 0
     world: int = 1
     barrier: Callable[[], None] = lambda: None
+    device: Optional[str] = None
 
     @property
     def is_main(self) -> bool:
@@ -41,15 +45,28 @@ class Distributed:
 
 
 def current_process() -> Distributed:
-    """Rank and world size from ``accelerate`` when launched with several processes, else a single one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Rank and world size when launched as several processes (``accelerate launch``, ``torchrun``),
+    through ``accelerate``'s ``PartialState``; a single process otherwise.
+
+    Where ``accelerate`` does not form the process group itself (it leaves CPU-only machines to MPI),
+    a gloo group is formed from the launcher's ``RANK``/``WORLD_SIZE`` so the shards still split.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return Distributed()
     try:
         from accelerate import PartialState
     except ImportError:
         raise ImportError("several processes were launched but `accelerate` is not installed: pip install accelerate") from None
     state = PartialState()
-    return Distributed(state.process_index, state.num_processes, state.wait_for_everyone)
+    if state.num_processes == world:
+        device = str(state.device) if state.device.type != "cpu" else None
+        return Distributed(state.process_index, state.num_processes, state.wait_for_everyone, device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), dist.barrier)
 
 
 def shard(questions: Sequence[Question], rank: int, world: int) -> List[Question]:
@@ -229,7 +246,7 @@ def finish(benchmark: str, questions: Sequence[Question], out_dir: Path, setting
 
 def write_results(benchmark, questions, texts, out_dir: Path, settings: Mapping[str, Any]) -> Dict[str, Any]:
     scores = score_answers(benchmark, questions, texts)
-    scores["settings"] = dict(settings)
+    scores["settings"] = dict(sorted(settings.items()))
     write_json(Path(out_dir) / "scores.json", scores)
     if benchmark == "mme":
         write_mme_tool_files(Path(out_dir) / "mme_tool", questions, texts)

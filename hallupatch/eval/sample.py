@@ -7,6 +7,9 @@ subtasks hold ``<stem>.png`` + ``<stem>.txt`` side by side, ``scene`` uses ``ima
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple, Union
 
@@ -76,11 +79,29 @@ NESTED_LAYOUT = ("scene",)  # subtasks written as images/ + questions_answers_YN
 
 
 def write_mme_sample(root: Union[str, Path]) -> Path:
-    """Write the sample under ``root`` (skipped when that version is already there); returns ``root``."""
+    """Write the sample to ``root`` unless it is already there; returns ``root``.
+
+    Written to a temporary sibling folder and renamed into place, so processes started together
+    (``accelerate launch``) never read a half-written sample.
+    """
     root = Path(root)
-    stamp = root / f".hallupatch_sample_v{SAMPLE_VERSION}"
-    if stamp.exists():
+    if (root / f".hallupatch_sample_v{SAMPLE_VERSION}").exists():
         return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        _write_sample(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / f".hallupatch_sample_v{SAMPLE_VERSION}").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _write_sample(root: Path) -> None:
     index = 0
     for subtask, make in QUESTIONS.items():
         sub = root / subtask
@@ -95,8 +116,9 @@ def write_mme_sample(root: Union[str, Path]) -> Path:
             img.save(image_dir / f"{stem}.png")
             lines = [f"{q}{SUFFIX}\t{a}" for q, a in make(facts)]
             (qa_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    stamp.write_text("synthetic MME-format sample written by hallupatch.eval\n", encoding="utf-8")
-    return root
+    (root / f".hallupatch_sample_v{SAMPLE_VERSION}").write_text(
+        "synthetic MME-format sample written by hallupatch.eval\n", encoding="utf-8"
+    )
 
 
 def tiny_backend(seed: int = 0):
