@@ -163,3 +163,18 @@ def test_phd_end_to_end_and_outside_answers(checkpoint, data, tmp_path):
     perfect = cli.run(["phd", "--answers", str(outside), "--data", str(data["phd"]), "--modes", "base", "icc",
                        "--output", str(tmp_path / "o")])
     assert perfect["overall"]["phd_index"] == 1.0
+
+
+def test_chair_with_memvr_records_trace_and_unpatches(checkpoint, data, tmp_path):
+    from hallupatch.engine import get_patch
+    from hallupatch.eval import models
+
+    backend = models.load_backend(checkpoint, device="cpu")
+    out = tmp_path / "memvr"
+    cli.run(chair_args(checkpoint, data, out, "--method", "memvr", "--entropy-threshold", "0",
+                       "--starting-layer", "0", "--ending-layer", "3"), backend=backend)
+    answers = read_jsonl(out / "answers.jsonl")
+    # threshold 0: MemVR fires on every generated token's pass
+    assert all(a["memvr"]["passes"] == a["new_tokens"] == a["memvr"]["triggered_passes"] for a in answers)
+    assert json.loads((out / "run.json").read_text())["method"] == "memvr"
+    assert get_patch(backend.model) is None  # the run leaves the model as it found it

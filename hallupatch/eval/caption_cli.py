@@ -127,7 +127,7 @@ EMBEDDED_CAPTION_TOKENS = 24  # the random tiny model rarely stops by itself
 
 def run_from_cli(args, backend=None, embedded: bool = False) -> Optional[Dict]:
     """Entry from :func:`hallupatch.eval.cli.run`: load the model (or the built-in tiny one) and run."""
-    from . import cli, models, sample
+    from . import cli, models, runner, sample
 
     if args.answers:
         return run(args, None, knobs={}, model_setting="")
@@ -139,13 +139,18 @@ def run_from_cli(args, backend=None, embedded: bool = False) -> Optional[Dict]:
         if args.max_new_tokens is None:
             args.max_new_tokens = EMBEDDED_CAPTION_TOKENS if args.benchmark in FREE_TEXT else cli.EMBEDDED_MAX_NEW_TOKENS
     elif backend is None:
-        backend = models.load_backend(args.model, args.family, args.device, args.dtype, work_dir=Path(args.output))
-    if args.method != "none":
-        import hallupatch
-
-        hallupatch.apply(backend.model, method=args.method, **knobs)
+        device = args.device or runner.current_process().device  # several processes on GPUs: one GPU each
+        backend = models.load_backend(args.model, args.family, device, args.dtype, work_dir=Path(args.output))
     model = cli.EMBEDDED_MODEL if embedded else (str(Path(args.model).resolve()) if args.model else backend.name)
-    return run(args, backend, knobs=knobs, model_setting=model)
+    if args.method == "none":
+        return run(args, backend, knobs=knobs, model_setting=model)
+    import hallupatch
+
+    hallupatch.apply(backend.model, method=args.method, **knobs)
+    try:
+        return run(args, backend, knobs=knobs, model_setting=model)
+    finally:
+        hallupatch.remove(backend.model)
 
 
 def run(args, backend, *, knobs: Mapping[str, Any], model_setting: str) -> Optional[Dict]:
