@@ -197,11 +197,14 @@ def caption_metrics(references: Mapping[Hashable, Sequence[str]], predictions: M
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    # Keys become strings: the toolkit sorts and compares them.
+    # Keys become strings (the toolkit sorts and compares them). References and predictions are tokenised in
+    # one call (one Java start instead of two); the tokenizer works sentence by sentence, so this is the same.
     keys = {k: str(i) for i, k in enumerate(references)}
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({keys[k]: [{"caption": r} for r in refs] for k, refs in references.items()})
-    res = tokenizer.tokenize({keys[k]: [{"caption": predictions[k]}] for k in references})
+    batch = {("ref", keys[k]): [{"caption": r} for r in refs] for k, refs in references.items()}
+    batch.update({("pred", keys[k]): [{"caption": predictions[k]}] for k in references})
+    tokens = PTBTokenizer().tokenize(batch)
+    gts = {key: tokens[("ref", key)] for key in keys.values()}
+    res = {key: tokens[("pred", key)] for key in keys.values()}
     out: Dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its internal counts
         bleu, _ = Bleu(4).compute_score(gts, res)
