@@ -181,3 +181,27 @@ def test_chair_with_memvr_records_trace_and_unpatches(checkpoint, data, tmp_path
     assert all(a["memvr"]["passes"] == a["new_tokens"] == a["memvr"]["triggered_passes"] for a in answers)
     assert json.loads((out / "run.json").read_text())["method"] == "memvr"
     assert get_patch(backend.model) is None  # the run leaves the model as it found it
+
+
+def test_phd_two_processes_merge_into_the_single_process_result(data, tmp_path):
+    """`accelerate launch` with two processes: each answers its shard, rank 0 merges and scores."""
+    import os
+    import subprocess
+
+    pytest.importorskip("accelerate")
+    args = ["phd", "--data", str(data["phd"]), "--modes", "base", "ccs", "--max-new-tokens", "2", "--batch-size", "2",
+            "--no-progress"]
+    single = cli.run([*args, "--output", str(tmp_path / "single")])
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "hallupatch.eval", *args, "--output", str(tmp_path / "sharded")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on rank 0 of 2" in done.stdout
+    assert read_jsonl(tmp_path / "sharded" / "answers.jsonl") == read_jsonl(tmp_path / "single" / "answers.jsonl")
+    sharded = json.loads((tmp_path / "sharded" / "scores.json").read_text())
+    assert sharded["overall"] == single["overall"] and sharded["groups"] == single["groups"]
