@@ -205,3 +205,21 @@ def test_phd_two_processes_merge_into_the_single_process_result(data, tmp_path):
     assert read_jsonl(tmp_path / "sharded" / "answers.jsonl") == read_jsonl(tmp_path / "single" / "answers.jsonl")
     sharded = json.loads((tmp_path / "sharded" / "scores.json").read_text())
     assert sharded["overall"] == single["overall"] and sharded["groups"] == single["groups"]
+
+
+def test_limit_and_partial_outside_answers(checkpoint, data, tmp_path, capsys):
+    scores = cli.run(["phd", "--model", checkpoint, "--data", str(data["phd"]), "--limit", "4", "--max-new-tokens", "2",
+                      "--output", str(tmp_path / "lim"), "--no-progress"])
+    assert (scores["answered"], scores["questions"]) == (4, 4) and scores["overall"]["questions"] == 4
+    # an outside file that answers only some questions is scored on those, and says so
+    part = tmp_path / "part.jsonl"
+    part.write_text(json.dumps({"question_id": "base/0/yes", "text": "Yes"}) + "\n"
+                    + json.dumps({"question_id": "base/0/no", "text": "No"}) + "\n")
+    capsys.readouterr()
+    scores = cli.run(["phd", "--answers", str(part), "--data", str(data["phd"]), "--output", str(tmp_path / "p")])
+    assert (scores["answered"], scores["questions"]) == (2, 14)
+    assert "(scored 2 of 14)" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question_id": "base/9/yes", "text": "Yes"}) + "\n")
+    assert cli.main(["phd", "--answers", str(bad), "--data", str(data["phd"]), "--output", str(tmp_path / "b")]) == 2
+    assert "base/9/yes" in capsys.readouterr().err

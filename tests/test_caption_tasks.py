@@ -106,8 +106,11 @@ def test_phd_questions_and_scores(tmp_path):
     assert scores["overall"]["yes_recall"] == 1 and scores["overall"]["no_recall"] == pytest.approx(6 / 7)
     assert scores["groups"]["iac/object"]["phd_index"] == pytest.approx(2 * 1 * 0 / 1)
     assert "overall" in phd_table(scores)
-    with pytest.raises(DataError, match="no answer"):
+    with pytest.raises(DataError, match="has an answer"):
         score_phd_answers(questions, meta, {})
+    partial = score_phd_answers(questions, meta, {"base/0/yes": "Yes", "base/0/no": "No"})
+    assert (partial["answered"], partial["questions"]) == (2, 14) and partial["overall"]["phd_index"] == 1
+    assert "(scored 2 of 14)" in phd_table(partial)
     (root / "images" / "CCS_images" / "0.png").unlink()
     with pytest.raises(FileNotFoundError, match="0.png"):
         load_phd_questions(root)

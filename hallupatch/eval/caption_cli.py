@@ -53,7 +53,8 @@ class Task:
     """One prepared caption benchmark."""
 
     questions: List[Question]
-    score: Callable[[Mapping[str, str]], Tuple[Dict[str, Any], Optional[List[dict]]]]  # texts -> scores, details
+    # (texts, the questions of this run) -> (scores, per-caption details or None)
+    score: Callable[[Mapping[str, str], List[Question]], Tuple[Dict[str, Any], Optional[List[dict]]]]
     table: Callable[[Mapping[str, Any]], str]
     settings: Dict[str, Any]
     image_ids: Optional[List[int]] = None  # CHAIR: the sample, saved so later runs caption the same images
@@ -83,21 +84,25 @@ def prepare(args, family: Optional[str], out: Path, external: Optional[Path] = N
         data = ct.load_chair(args.data, num_images=args.num_images or None, seed=args.seed, image_ids=ids,
                              annotations=args.annotations, need_images=need_images)
 
-        def score(texts):
-            chosen = pairs or [(int(q.image_id), texts[q.qid]) for q in data.questions if q.qid in texts]
-            return ct.score_chair_pairs(chosen, data.ground_truth)
+        def score(texts, questions):
+            chosen = pairs or [(int(q.image_id), texts[q.qid]) for q in questions if q.qid in texts]
+            scores, details = ct.score_chair_pairs(chosen, data.ground_truth)
+            return {**scores, "answered": len(chosen), "questions": len(pairs or questions)}, details
 
         settings = {"num_images": args.num_images, "seed": args.seed, "prompt": ct.CHAIR_PROMPT,
                     "annotations": str(Path(args.annotations).resolve()) if args.annotations else None}
         return Task(data.questions, score, ct.chair_table, settings, data.image_ids)
     if args.benchmark == "regcap":
         data = ct.load_regcap(args.data, family, args.image_folder, args.refcocog_split, need_images=need_images)
-        return Task(data.questions, lambda texts: ct.score_regcap(data.samples, texts), ct.regcap_table,
-                    {"refcocog_split": args.refcocog_split})
+        def score_regions(texts, questions):
+            asked = {q.qid for q in questions}
+            return ct.score_regcap([s for s in data.samples if s.sample_id in asked], texts)
+
+        return Task(data.questions, score_regions, ct.regcap_table, {"refcocog_split": args.refcocog_split})
     if args.benchmark == "phd":
         modes = args.modes or list(PHD_MODES)
         questions, meta = ct.load_phd_questions(args.data, modes, need_images=need_images)
-        return Task(questions, lambda texts: (ct.score_phd_answers(questions, meta, texts), None), ct.phd_table,
+        return Task(questions, lambda texts, asked: (ct.score_phd_answers(asked, meta, texts), None), ct.phd_table,
                     {"modes": modes})
     raise ValueError(f"unknown caption benchmark {args.benchmark!r}; use one of {BENCHMARKS}")
 
@@ -114,7 +119,7 @@ def _external_texts(args, task: Task) -> Dict[str, str]:
 
 
 def _write_results(args, task: Task, texts: Mapping[str, str], out: Path, settings: Mapping[str, Any]) -> Dict:
-    scores, details = task.score(texts)
+    scores, details = task.score(texts, task.questions)
     scores["settings"] = dict(settings)
     write_json(out / "scores.json", scores)
     if details is not None:

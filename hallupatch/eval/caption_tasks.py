@@ -31,6 +31,12 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value * 100:.1f}"
 
 
+def _partial(scores: Mapping) -> List[str]:
+    if scores.get("answered", 0) < scores.get("questions", 0):
+        return [f"(scored {scores['answered']} of {scores['questions']})"]
+    return []
+
+
 # ----------------------------------------------------------------------------------- CHAIR
 @dataclass
 class ChairData:
@@ -112,7 +118,7 @@ def chair_table(scores: Mapping) -> str:
     rows = [("CHAIRs", _fmt(scores["CHAIRs"])), ("CHAIRi", _fmt(scores["CHAIRi"])),
             ("Recall", _fmt(scores["Recall"])), ("avg_len", f"{scores['avg_len']:.1f}"),
             ("captions", str(scores["num_captions"]))]
-    return "\n".join(f"{k:<10}{v:>8}" for k, v in rows)
+    return "\n".join([f"{k:<10}{v:>8}" for k, v in rows] + _partial(scores))
 
 
 # ----------------------------------------------------------------------------------- region captions
@@ -178,15 +184,20 @@ def read_id_text_answers(path: PathLike, id_key: str = "question_id", text_keys=
 
 
 def score_regcap(samples: Sequence[RegionSample], predictions: Mapping[str, str]) -> Tuple[dict, List[dict]]:
-    scores, chair = score_region_captions(samples, predictions)
-    return {"benchmark": "regcap", **scores}, [c.to_dict() for c in chair.captions]
+    """Region-caption scores of the samples that have a prediction (``answered`` of ``questions``)."""
+    answered = [s for s in samples if s.sample_id in predictions]
+    if not answered:
+        raise DataError(f"none of the {len(samples)} region samples has an answer")
+    scores, chair = score_region_captions(answered, predictions)
+    scores = {"benchmark": "regcap", **scores, "answered": len(answered), "questions": len(samples)}
+    return scores, [c.to_dict() for c in chair.captions]
 
 
 def regcap_table(scores: Mapping) -> str:
     rows = [(k, f"{scores[k] * 100:.1f}") for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in scores]
     rows += [("CHAIRs", _fmt(scores["CHAIRs"])), ("CHAIRi", _fmt(scores["CHAIRi"])),
              ("samples", str(scores["num_samples"]))]
-    return "\n".join(f"{k:<10}{v:>8}" for k, v in rows)
+    return "\n".join([f"{k:<10}{v:>8}" for k, v in rows] + _partial(scores))
 
 
 # ----------------------------------------------------------------------------------- PhD
@@ -212,11 +223,13 @@ def load_phd_questions(data: PathLike, modes: Sequence[str] = PHD_MODES, need_im
 
 def score_phd_answers(questions: Sequence[Question], meta: Mapping[str, Tuple[str, str]],
                       answers: Mapping[str, str]) -> dict:
-    """PhD scores for the questions that have an answer in ``answers`` (``{qid: text}``)."""
-    missing = [q.qid for q in questions if q.qid not in answers]
-    if missing:
-        raise DataError(f"{len(missing)} PhD questions have no answer (first: {missing[:5]})")
-    return score_phd((*meta[q.qid], q.answer, answers[q.qid]) for q in questions)
+    """PhD scores of the questions that have an answer in ``answers`` (``{qid: text}``); ``answered`` and
+    ``questions`` say how many of the loaded questions that is."""
+    answered = [q for q in questions if q.qid in answers]
+    if not answered:
+        raise DataError(f"none of the {len(questions)} PhD questions has an answer")
+    scores = score_phd((*meta[q.qid], q.answer, answers[q.qid]) for q in answered)
+    return {**scores, "answered": len(answered), "questions": len(questions)}
 
 
 def phd_table(scores: Mapping) -> str:
@@ -226,4 +239,4 @@ def phd_table(scores: Mapping) -> str:
     for name, s in sections:
         lines.append(f"{name:<22}{_fmt(s['yes_recall']):>8}{_fmt(s['no_recall']):>8}{_fmt(s['phd_index']):>8}"
                      f"{s['questions']:>7}")
-    return "\n".join(lines)
+    return "\n".join(lines + _partial(scores))
