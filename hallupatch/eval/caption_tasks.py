@@ -8,9 +8,9 @@ other tools are read in each benchmark's usual format (CHAIR: JSONL ``image_id``
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .chair import ChairWords, coco_ground_truth, find_coco_annotations, sample_image_ids, score_captions
 from .phd import PHD_MODES, load_phd, score_phd
