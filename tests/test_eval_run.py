@@ -15,7 +15,6 @@ from hallupatch.eval.sample import write_mme_sample
 from hallupatch.eval.scoring import parse_mme_answer, parse_pope_answer
 from hallupatch.eval.store import StoreError, prepare_output, read_answers
 from hallupatch.eval.tasks import DataError, load_mme_folder
-from hallupatch.tiny import build_tiny_llava_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = "12"
@@ -32,8 +31,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    return build_tiny_llava_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", seed=1)
+def checkpoint(tiny_llava_dir):
+    """The suite's shared tiny llava-hf checkpoint (tests/conftest.py), saved with save_pretrained."""
+    return tiny_llava_dir
 
 
 @pytest.fixture(scope="session")
