@@ -108,6 +108,10 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     ``backend``: an already loaded :class:`~hallupatch.eval.models.Backend` instead of ``--model``.
     """
     args = build_parser().parse_args(argv)
+    for flag in ("limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
     embedded = args.model is None and backend is None
     model_name = EMBEDDED_MODEL.split(":")[1] if embedded else (backend.name if backend else Path(args.model).name)
     if args.output is None:
@@ -118,8 +122,6 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
 
     questions = _load_questions(args)
     if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1; got {args.limit}")
         questions = questions[: args.limit]
     runner.check_unique(questions)
 
@@ -150,8 +152,6 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
 
 def _answer_and_score(args, backend, questions, out: Path, proc, embedded: bool, knobs) -> Optional[Dict[str, Any]]:
     max_new_tokens = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if embedded else backend.recipe.max_new_tokens)
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1; got {max_new_tokens}")
     settings = {
         "benchmark": args.benchmark,
         "model": EMBEDDED_MODEL if embedded else _where(args.model) if args.model else backend.name,
