@@ -192,3 +192,20 @@ def test_pope_errors_name_path_and_line(tmp_path):
     root = _pope(tmp_path / "dup", {"random": [_q(1), _q(1)]})
     with pytest.raises(DataError, match=r"coco_pope_random\.json:2: question id 'random/1' repeats .*:1"):
         check_unique(load_pope(root))
+
+
+def test_more_dataset_and_pope_errors(tmp_path):
+    import datasets
+
+    good = _mme_dataset([_row("count/1.png", "Q?", "Yes", "count")])
+    datasets.DatasetDict({"dev": good, "val": good}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DataError, match=r"dataset has splits \['dev', 'val'\]; expected a 'test' split"):
+        load_mme_dataset(tmp_path / "splits")
+    datasets.DatasetDict({"test": good, "val": good}).save_to_disk(str(tmp_path / "withtest"))
+    assert [q.qid for q in load_mme_dataset(tmp_path / "withtest")] == ["count/1.png#0"]
+    root = _pope(tmp_path / "twice", {"random": [_q(1)]})
+    _write(root / "random.jsonl", _q(2) + "\n")
+    with pytest.raises(DataError, match="two question files for POPE split 'random'"):
+        load_pope(root)
+    with pytest.raises(DataError, match="POPE data not found"):
+        load_pope(tmp_path / "absent")

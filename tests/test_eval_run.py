@@ -15,7 +15,6 @@ from hallupatch.eval.sample import write_mme_sample
 from hallupatch.eval.scoring import parse_mme_answer, parse_pope_answer
 from hallupatch.eval.store import StoreError, prepare_output, read_answers
 from hallupatch.eval.tasks import DataError, load_mme_folder
-from hallupatch.tiny import build_tiny_llava_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = "12"
@@ -32,8 +31,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    return build_tiny_llava_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", seed=1)
+def checkpoint(tiny_llava_dir):
+    """The suite's shared tiny llava-hf checkpoint (tests/conftest.py), saved with save_pretrained."""
+    return tiny_llava_dir
 
 
 @pytest.fixture(scope="session")
@@ -357,3 +357,12 @@ def test_accelerate_launch_two_processes_merge_into_the_single_process_result(tm
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on rank 0 of 2" in done.stdout  # really two processes, each with its shard
     assert _files(tmp_path / "sharded") == _files(tmp_path / "single")
+
+
+def test_bad_numbers_are_refused_with_the_valid_range(tmp_path):
+    for flag, message in (("--limit", "--limit must be >= 1"), ("--batch-size", "--batch-size must be >= 1"),
+                          ("--max-new-tokens", "--max-new-tokens must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            cli.run(["mme", "--output", str(tmp_path / flag), flag, "0", "--no-progress"])
+    with pytest.raises(ValueError, match="retracing_ratio must be in \\[0, 1\\]"):
+        cli.run(["mme", "--output", str(tmp_path / "memvr"), "--method", "memvr", "--retracing-ratio", "2"])

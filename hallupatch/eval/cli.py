@@ -30,7 +30,7 @@ With no --model and no --data, `python -m hallupatch.eval mme` runs a tiny built
 built-in MME-format sample in a few seconds: a check that everything works, not a real score.
 
 Real runs:
-  python -m hallupatch.eval mme  --model llava-hf/llava-1.5-7b-hf-folder --data MME_Benchmark_release_version
+  python -m hallupatch.eval mme  --model path/to/llava-1.5-7b-hf --data MME_Benchmark_release_version
   python -m hallupatch.eval mme  --model CKPT --data lmms-lab-MME-folder --method memvr --batch-size 8
   python -m hallupatch.eval pope --model CKPT --data POPE/coco --image-folder val2014
   accelerate launch -m hallupatch.eval mme --model CKPT --data MME   # one shard per process
@@ -85,6 +85,11 @@ def _load_questions(args) -> List[tasks.Question]:
     return tasks.load_pope(args.data, args.image_folder, args.splits)
 
 
+def _where(path: str) -> str:
+    """A local path made absolute (so a resume from another folder matches); a hub name as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
 
@@ -107,6 +112,10 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     ``backend``: an already loaded :class:`~hallupatch.eval.models.Backend` instead of ``--model``.
     """
     args = build_parser().parse_args(argv)
+    for flag in ("limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
     embedded = args.model is None and backend is None
     model_name = EMBEDDED_MODEL.split(":")[1] if embedded else (backend.name if backend else Path(args.model).name)
     if args.output is None:
@@ -119,15 +128,14 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
 
     questions = _load_questions(args)
     if args.limit is not None:
-        if args.limit < 1:
-            raise ValueError(f"--limit must be >= 1; got {args.limit}")
         questions = questions[: args.limit]
     runner.check_unique(questions)
 
     if args.answers:
         texts = runner.load_external_answers(Path(args.answers), questions)
         out.mkdir(parents=True, exist_ok=True)
-        scores = runner.write_results(args.benchmark, questions, texts, out, {"answers": str(Path(args.answers).resolve())})
+        source = {"answers": str(Path(args.answers).resolve())}
+        scores = runner.write_results(args.benchmark, questions, texts, out, source)
         _report(scores, out, None)
         return scores
 
@@ -150,15 +158,13 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
 
 def _answer_and_score(args, backend, questions, out: Path, proc, embedded: bool, knobs) -> Optional[Dict[str, Any]]:
     max_new_tokens = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if embedded else backend.recipe.max_new_tokens)
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1; got {max_new_tokens}")
     settings = {
         "benchmark": args.benchmark,
-        "model": EMBEDDED_MODEL if embedded else (str(Path(args.model).resolve()) if args.model else backend.name),
+        "model": EMBEDDED_MODEL if embedded else _where(args.model) if args.model else backend.name,
         "family": backend.recipe.family,
         "prompt_template": backend.recipe.template,
         "question_style": backend.recipe.question_style,
-        "data": EMBEDDED_DATA if args.data is None else str(Path(args.data).resolve()),
+        "data": EMBEDDED_DATA if args.data is None else _where(args.data),
         "image_folder": str(Path(args.image_folder).resolve()) if args.image_folder else None,
         "splits": args.splits,
         "method": args.method,
@@ -175,7 +181,8 @@ def _answer_and_score(args, backend, questions, out: Path, proc, embedded: bool,
 
     start = time.perf_counter()
     produced = runner.answer_questions(
-        backend, questions, out, batch_size=args.batch_size or (EMBEDDED_BATCH_SIZE if embedded else 1), max_new_tokens=max_new_tokens, proc=proc,
+        backend, questions, out, batch_size=args.batch_size or (EMBEDDED_BATCH_SIZE if embedded else 1),
+        max_new_tokens=max_new_tokens, proc=proc,
         trace="memvr" in args.method.split("+"), progress=not args.no_progress,
     )
     elapsed = time.perf_counter() - start
@@ -194,7 +201,8 @@ def _report(scores, out: Path, timing) -> None:
         rate = produced / elapsed if elapsed > 0 and produced else 0.0
         where = f" on rank 0 of {world}" if world > 1 else ""
         print(f"answered {produced} question(s) now{where} in {elapsed:.1f} s ({rate:.2f} questions/s)")
-    print(f"results: {out / 'scores.json'}" + (f", official-tool files: {out / 'mme_tool'}" if scores["benchmark"] == "mme" else ""))
+    tool = f", official-tool files: {out / 'mme_tool'}" if scores["benchmark"] == "mme" else ""
+    print(f"results: {out / 'scores.json'}{tool}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -92,6 +92,10 @@ def expand_to_square(image, background: Tuple[int, int, int]):
 def detect_family(path: str) -> str:
     """The recipe family of a checkpoint folder, from its ``config.json``."""
     config_file = Path(path) / "config.json"
+    if not Path(path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        from huggingface_hub import hf_hub_download  # a hub name: its config from the cache or the hub
+
+        config_file = Path(hf_hub_download(path, "config.json"))
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {path}: --model must be a checkpoint folder (save_pretrained layout)")
     config = json.loads(config_file.read_text(encoding="utf-8"))
