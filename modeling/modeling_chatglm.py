@@ -8,8 +8,10 @@ interface: ``model.generate(**tokenizer.apply_chat_template(..., return_dict=Tru
 ``position_ids`` and ``attention_mask``, the image's 1600 patch positions sharing one position id.
 
 Left out on purpose: flash-attention, quantisation, prefix tuning (``pre_seq_len``), gradient checkpointing,
-sequence classification. One fix: the attention mask is expanded for the image patches only when the
-batch has images (upstream also expanded it for text-only prompts, which fails on padded batches).
+sequence classification. Two fixes of crashes: the attention mask is widened for the image patches only
+when the batch has images (upstream also widened it for text-only prompts, which fails on padded batches),
+and a direct ``model(input_ids, images=..., attention_mask=...)`` call with a token-level mask gets it
+widened too (upstream needed the widened mask that ``generate`` builds).
 
 MemVR (or another hallupatch method) is switched on by a ``"hallupatch"`` block in ``config.json``,
 for example ``{"hallupatch": {"method": "memvr", "retracing_ratio": 0.28}}``; the block is handed to
@@ -270,6 +272,16 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 mask -= padding_mask.unsqueeze(-1) - 1
         return (mask < 0.5).bool().unsqueeze(1)
 
+    def widen_for_images(self, input_ids: torch.Tensor, values: torch.Tensor, fill: int) -> torch.Tensor:
+        """A per-token tensor (attention mask, labels) widened to the merged sequence: ``fill`` at the
+        image's patch rows, the ``<boi>``/``<eoi>`` entries kept for the vision tower's boi/eoi rows."""
+        num_patches = num_image_patches(self.config)
+        rows = []
+        for i, row in enumerate(input_ids.tolist()):
+            boi, eoi = row.index(self.config.boi_token_id), row.index(self.config.eoi_token_id)
+            rows.append(torch.cat((values[i, :boi + 1], values.new_full((num_patches,), fill), values[i, eoi:])))
+        return torch.stack(rows)
+
     def get_position_ids(self, input_ids, device):
         batch, seq = input_ids.shape
         return torch.arange(seq, dtype=torch.long, device=device).unsqueeze(0).repeat(batch, 1)
@@ -360,6 +372,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if past_key_values is None and not is_empty(images):
             if input_ids is None or inputs_embeds is not None:
                 raise ValueError("with images, pass input_ids (not inputs_embeds)")
+            if attention_mask is not None and attention_mask.shape[1] == input_ids.shape[1]:
+                attention_mask = self.widen_for_images(input_ids, attention_mask, 1)   # a direct call
             inputs_embeds, position_ids = self.merge_images(input_ids, images, position_ids)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -430,16 +444,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
             "return_last_logit": True,
             "use_cache": use_cache,
         }
-
-    def widen_for_images(self, input_ids: torch.Tensor, values: torch.Tensor, fill: int) -> torch.Tensor:
-        """A per-token tensor (attention mask, labels) widened to the merged sequence: ``fill`` at the
-        image's patch rows, the ``<boi>``/``<eoi>`` entries kept for the vision tower's boi/eoi rows."""
-        num_patches = num_image_patches(self.config)
-        rows = []
-        for i, row in enumerate(input_ids.tolist()):
-            boi, eoi = row.index(self.config.boi_token_id), row.index(self.config.eoi_token_id)
-            rows.append(torch.cat((values[i, :boi + 1], values.new_full((num_patches,), fill), values[i, eoi:])))
-        return torch.stack(rows)
 
     def forward(
         self,

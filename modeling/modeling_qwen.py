@@ -130,9 +130,9 @@ def attention_bias(
     minimum = torch.finfo(dtype).min
     bias = None
     if q_len > 1:
-        causal = torch.full((q_len, q_len), minimum, device=device)
+        causal = torch.full((q_len, q_len), minimum, dtype=dtype, device=device)
         causal.masked_fill_(torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril(), 0)
-        causal = torch.cat([torch.zeros(q_len, past_len, device=device), causal], dim=-1).to(dtype)
+        causal = torch.cat([torch.zeros(q_len, past_len, dtype=dtype, device=device), causal], dim=-1)
         bias = causal[None, None].expand(batch, 1, q_len, q_len + past_len)
     if attention_mask is not None:
         keep = attention_mask[:, None, None, :].expand(batch, 1, q_len, attention_mask.shape[-1]).to(dtype)
