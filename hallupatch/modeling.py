@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import sys
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -61,12 +62,22 @@ def detect_family(checkpoint: Union[str, Path]) -> str:
     return model_type
 
 
-def dropin_file(family: str) -> Path:
+def dropin_source(family: str) -> Path:
     """Our modeling file for ``family``: from the installed ``hallupatch.dropin`` package, else the source
     checkout's ``modeling/`` folder."""
-    from hallupatch.tiny_remote import dropin_source
-
-    return dropin_source(family)
+    if family not in MODELING_FILES:
+        raise ValueError(f"family must be one of {sorted(MODELING_FILES)}; got {family!r}")
+    name = MODELING_FILES[family]
+    try:
+        candidate = files("hallupatch.dropin").joinpath(name)
+        if candidate.is_file():
+            return Path(str(candidate))
+    except ModuleNotFoundError:
+        pass
+    candidate = Path(__file__).resolve().parent.parent / "modeling" / name
+    if not candidate.is_file():
+        raise FileNotFoundError(f"hallupatch's drop-in {name} is neither in the hallupatch.dropin package nor at {candidate}")
+    return candidate
 
 
 def memvr_block(ratio: Optional[float] = None, threshold: Optional[float] = None, start: Optional[int] = None,
@@ -112,7 +123,7 @@ def install(checkpoint: Union[str, Path], block: Optional[Dict[str, Any]] = None
     config_backup = config_path.with_name(config_path.name + BACKUP_SUFFIX)
     if not config_backup.exists():
         shutil.copy2(config_path, config_backup)
-    shutil.copyfile(dropin_file(family), target)
+    shutil.copyfile(dropin_source(family), target)
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["hallupatch"] = block
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -24,8 +24,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-FAMILIES = ("qwen", "chatglm")
-MODELING_FILES = {"qwen": "modeling_qwen.py", "chatglm": "modeling_chatglm.py"}
+from hallupatch.modeling import MODELING_FILES, dropin_source
+
+FAMILIES = tuple(MODELING_FILES)
 
 # ---------------------------------------------------------------------------------------------
 # Stand-in sibling files (the upstream interface, written for tests and benchmarks)
@@ -457,28 +458,11 @@ def _check_family(family: str) -> None:
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
 
 
-def dropin_source(family: str) -> Path:
-    """Our drop-in modeling file: the installed ``hallupatch.dropin`` package, else the source checkout."""
-    _check_family(family)
-    name = MODELING_FILES[family]
-    try:
-        from importlib.resources import files
-
-        candidate = files("hallupatch.dropin").joinpath(name)
-        if candidate.is_file():
-            return Path(str(candidate))
-    except (ModuleNotFoundError, TypeError):
-        pass
-    candidate = Path(__file__).resolve().parent.parent / "modeling" / name
-    if not candidate.is_file():
-        raise FileNotFoundError(f"hallupatch's drop-in {name} was found neither in hallupatch.dropin nor at {candidate}")
-    return candidate
-
-
 def write_remote_code(path: Union[str, Path], family: str, shape: str = "tiny",
                       hallupatch: Optional[Dict[str, Any]] = None, modeling: bool = True,
                       **overrides: Any) -> Path:
     """Write the sibling stand-ins, our modeling file (unless ``modeling=False``) and ``config.json``."""
+    _check_family(family)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for name, source in SIBLINGS[family].items():

@@ -33,7 +33,7 @@ def test_install_load_restore(tmp_path, family):
     code = modeling.main(["install", str(path), "--memvr-ratio", "0.2", "--memvr-threshold", "0.6",
                           "--memvr-start", "0", "--memvr-end", "3"])
     assert code == 0
-    assert target.read_text(encoding="utf-8") == tiny_remote.dropin_source(family).read_text(encoding="utf-8")
+    assert target.read_text(encoding="utf-8") == modeling.dropin_source(family).read_text(encoding="utf-8")
     assert (path / (target.name + ".orig")).read_text(encoding="utf-8") == original_text
     block = json.loads((path / "config.json").read_text(encoding="utf-8"))["hallupatch"]
     assert block == {"method": "memvr", "retracing_ratio": 0.2, "entropy_threshold": 0.6,
