@@ -218,3 +218,25 @@ def test_config_block_equals_apply(family, checkpoint, tmp_path):
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for a, b in zip(runs[0].scores, runs[1].scores):
         assert torch.equal(a, b)
+
+
+def test_detected_by_structure_and_text_only_prompt_is_untouched(family, checkpoint, tmp_path):
+    model = load(checkpoint)
+    model.__class__ = type("RenamedUpstreamClass", (type(model),), {})   # any class name: structure decides
+    inputs, _ = batch_inputs(family, tmp_path)
+    if family == "qwen":
+        text = dict(input_ids=torch.tensor(qwen_rows(tmp_path, ["only words here"], [None])))
+    else:
+        ids = torch.tensor([tiny_remote.glm_prompt([7, 8, 9], with_image=False)])
+        text = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        plain = model.generate(**text, max_new_tokens=3, output_scores=True, return_dict_in_generate=True, **GREEDY)
+        hallupatch.apply(model, method="memvr", entropy_threshold=0.0, **KNOBS)   # any image row would trigger
+        assert get_patch(model).parts.spec.name == family
+        model.generate(**inputs, max_new_tokens=2, **GREEDY)
+        assert any(layer is not None for row in hallupatch.get_trace(model).trigger_layers() for layer in row)
+        after = model.generate(**text, max_new_tokens=3, output_scores=True, return_dict_in_generate=True, **GREEDY)
+    assert hallupatch.get_trace(model).trigger_layers() == [[None] * 3]   # no stale image memory
+    assert torch.equal(after.sequences, plain.sequences)
+    for a, b in zip(after.scores, plain.scores):
+        assert torch.equal(a, b)
