@@ -7,8 +7,9 @@ GLM's interleaved rotary embedding on half of each head, RMSNorm, SwiGLU) and th
 interface: ``model.generate(**tokenizer.apply_chat_template(..., return_dict=True))`` with ``images``,
 ``position_ids`` and ``attention_mask``, the image's 1600 patch positions sharing one position id.
 
-Left out on purpose: flash-attention, quantisation, prefix tuning (``pre_seq_len``), gradient checkpointing,
-sequence classification. Two fixes of crashes: the attention mask is widened for the image patches only
+Left out on purpose: flash-attention and the explicit-softmax attention class (attention is always
+``scaled_dot_product_attention``, upstream's default under transformers 4.40 and torch 2), quantisation,
+prefix tuning (``pre_seq_len``), gradient checkpointing, sequence classification. Two fixes of crashes: the attention mask is widened for the image patches only
 when the batch has images (upstream also widened it for text-only prompts, which fails on padded batches),
 and a direct ``model(input_ids, images=..., attention_mask=...)`` call with a token-level mask gets it
 widened too (upstream needed the widened mask that ``generate`` builds).
@@ -157,10 +158,12 @@ class SelfAttention(nn.Module):
             key = torch.cat((kv_cache[0], key), dim=2)
             value = torch.cat((kv_cache[1], value), dim=2)
         kv_cache = (key, value) if use_cache else None
-        if self.multi_query_attention:
+        if self.multi_query_attention:   # each key/value group serves num_heads / num_groups query heads
             repeat = self.num_heads // self.num_groups
-            key = key.unsqueeze(2).expand(-1, -1, repeat, -1, -1).contiguous().view(batch, self.num_heads, -1, self.head_dim)
-            value = value.unsqueeze(2).expand(-1, -1, repeat, -1, -1).contiguous().view(batch, self.num_heads, -1, self.head_dim)
+            key, value = (
+                t.unsqueeze(2).expand(-1, -1, repeat, -1, -1).contiguous().view(batch, self.num_heads, -1, self.head_dim)
+                for t in (key, value)
+            )
 
         dropout = self.attention_dropout if self.training else 0.0
         if attention_mask is None and query.shape[2] == key.shape[2]:
