@@ -618,3 +618,32 @@ def glm_prompt(text_ids: List[int], with_image: bool = True) -> List[int]:
     """GLM-4V token layout: ``[gMASK]-like prefix, <boi> placeholder <eoi>, text`` with tiny ids."""
     image = [GLM_BOI, 3, GLM_EOI] if with_image else []
     return [4, 5] + image + list(text_ids)
+
+
+def benchmark_inputs(family: str, batch_size: int = 1, prompt_tokens: int = 32, shape: str = "tiny",
+                     seed: int = 0, workdir: Union[str, Path, None] = None,
+                     device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    """``generate`` keyword arguments for a batch of one-image prompts of ``prompt_tokens`` text tokens.
+
+    Qwen: ``<img>path</img>`` + bytes (images written as PNGs under ``workdir``); GLM-4V: ``<boi> x <eoi>``
+    + ids, with ``images`` and ``position_ids``. Both come with an all-ones ``attention_mask``.
+    """
+    _check_family(family)
+    generator = torch.Generator().manual_seed(seed)
+    if family == "qwen":
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="hallupatch_images_"))
+        tokenizer = ByteTokenizer()
+        rows = []
+        for b in range(batch_size):
+            image = write_tiny_image(workdir / f"bench_{seed}_{b}.png", seed=seed + b)
+            text = torch.randint(ord("a"), ord("z") + 1, (prompt_tokens,), generator=generator).tolist()
+            rows.append(tokenizer.encode(f"<img>{image}</img>") + text)
+        ids = torch.tensor(rows)
+        inputs = dict(input_ids=ids)
+    else:
+        text = torch.randint(7, GLM_BOI, (batch_size, prompt_tokens), generator=generator).tolist()
+        ids = torch.tensor([glm_prompt(row) for row in text])
+        inputs = dict(input_ids=ids, images=glm_image_batch(batch_size, seed=seed, shape=shape),
+                      position_ids=torch.arange(ids.shape[1]).repeat(batch_size, 1))
+    inputs["attention_mask"] = torch.ones_like(ids)
+    return {k: v.to(device) for k, v in inputs.items()}

@@ -240,3 +240,33 @@ def test_detected_by_structure_and_text_only_prompt_is_untouched(family, checkpo
     assert torch.equal(after.sequences, plain.sequences)
     for a, b in zip(after.scores, plain.scores):
         assert torch.equal(a, b)
+
+
+def test_pass_info_finds_real_positions(family, checkpoint, tmp_path):
+    """The family spec reads each pass's real (non-padding) positions from what the decoder stack sees."""
+    model = load(checkpoint)
+    inputs, real = batch_inputs(family, tmp_path)
+    hallupatch.apply(model, method="memvr", **KNOBS)
+    state = get_patch(model).state
+    with torch.no_grad():
+        model(**inputs)
+        assert state.info.is_prefill and state.info.batch_size == real.shape[0]
+        assert torch.equal(state.info.real_positions, real)
+        model.generate(**inputs, max_new_tokens=2, **GREEDY)   # the last pass is a decoding step
+    assert not state.info.is_prefill
+    if state.info.real_positions is not None:
+        assert state.info.real_positions.shape == (real.shape[0], 1) and bool(state.info.real_positions.all())
+
+
+def test_benchmark_builders(family, tmp_path):
+    """The in-memory builders the MemVR benchmark uses: same seed, same model; inputs fit the model."""
+    model = tiny_remote.build_remote_model(family, "tiny", seed=3)
+    again = tiny_remote.build_remote_model(family, "tiny", seed=3)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    inputs = tiny_remote.benchmark_inputs(family, batch_size=2, prompt_tokens=8, workdir=tmp_path)
+    hallupatch.apply(model, method="memvr", entropy_threshold=0.0, **KNOBS)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, **GREEDY)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 2)
+    assert hallupatch.get_trace(model).trigger_layers() == [[1, 1], [1, 1]]   # threshold 0: first checked layer
