@@ -515,8 +515,10 @@ def build_remote_model(family: str, shape: str = "tiny", seed: int = 0, dtype: t
     write_remote_code(folder, family, shape, hallupatch=hallupatch, **overrides)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     device = torch.device(device or "cpu")
+    # GLM builds its big layers with skip_init, which places them on its `device` argument (else the CPU)
+    placement = {"device": device} if family == "chatglm" else {}
     with device:
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True, torch_dtype=dtype, **placement)
     model = model.to(device)
     return randomize_(model, seed=seed).eval()
 
