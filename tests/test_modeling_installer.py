@@ -91,3 +91,10 @@ def test_refusals(tmp_path, capsys):
     assert "--memvr-start must be < --memvr-end" in capsys.readouterr().err
     assert modeling.main(["restore", str(path)]) == 2   # nothing installed yet
     assert "no .orig backups" in capsys.readouterr().err
+
+
+def test_config_block_without_hallupatch_says_what_to_do(tmp_path, monkeypatch):
+    path = tiny_remote.build_tiny_checkpoint(tmp_path / "qwen_block", "qwen", hallupatch={"method": "memvr"})
+    monkeypatch.setitem(sys.modules, "hallupatch.modeling", None)   # as if hallupatch were not installed
+    with pytest.raises(ImportError, match="install it .* or remove the block"):
+        load(path)
