@@ -649,3 +649,15 @@ def benchmark_inputs(family: str, batch_size: int = 1, prompt_tokens: int = 32, 
                       position_ids=torch.arange(ids.shape[1]).repeat(batch_size, 1))
     inputs["attention_mask"] = torch.ones_like(ids)
     return {k: v.to(device) for k, v in inputs.items()}
+
+
+def build_benchmark_case(family: str, shape: str = "cpu", device: Union[str, torch.device] = "cpu",
+                         dtype: torch.dtype = torch.float32, prompt_tokens: int = 40, seed: int = 0):
+    """``(model, generate_kwargs)`` for ``eval/bench_memvr.py --family qwen|chatglm``: a random-weight model
+    of ``shape`` ("tiny", "cpu" or "published") and one one-image prompt of ``prompt_tokens`` text tokens."""
+    model = build_remote_model(family, shape, seed=seed, dtype=dtype, device=device)
+    inputs = benchmark_inputs(family, batch_size=1, prompt_tokens=prompt_tokens, shape=shape, seed=seed,
+                              device=device)
+    if "images" in inputs:
+        inputs["images"] = inputs["images"].to(dtype)
+    return model, inputs
