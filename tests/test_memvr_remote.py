@@ -18,6 +18,9 @@ from remote_code_fixtures import GREEDY, glm_inputs, left_pad, load, qwen_rows
 
 KNOBS = dict(starting_layer=0, ending_layer=3, retracing_ratio=0.3)   # entropy read after layers 1, 2
 PATCHES_PLUS_BOI_EOI = (28 // 7 // 2) ** 2 + 2
+# the batch: Qwen rows with an image, another image, no image; GLM-4V rows (one image each) of two lengths
+QWEN_TEXTS, QWEN_IMAGES = ["describe the picture in detail", "what", "no image here at all"], [1, 2, None]
+GLM_TEXTS = [[7, 8, 9, 10, 11, 12, 13], [14, 15]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,10 +39,10 @@ def parts(model, family):
 def batch_inputs(family, tmp_path):
     """A left-padded batch and, per row, the real-position mask of the sequence the layers see."""
     if family == "qwen":
-        rows = qwen_rows(tmp_path, ["describe the picture in detail", "what", "no image here at all"], [1, 2, None])
+        rows = qwen_rows(tmp_path, QWEN_TEXTS, QWEN_IMAGES)
         ids, mask = left_pad(rows, tiny_remote.QWEN_EOD)
         return dict(input_ids=ids, attention_mask=mask), mask.bool()
-    inputs = glm_inputs([[7, 8, 9, 10, 11, 12, 13], [14, 15]])
+    inputs = glm_inputs(GLM_TEXTS)
     mask = inputs["attention_mask"]
     real = torch.stack([_glm_real(row) for row in mask])
     return inputs, real.bool()
@@ -53,11 +56,10 @@ def _glm_real(row_mask):
 
 
 def single_inputs(family, tmp_path, index):
+    """Row ``index`` of :func:`batch_inputs` on its own, unpadded."""
     if family == "qwen":
-        texts, images = ["describe the picture in detail", "what", "no image here at all"], [1, 2, None]
-        return dict(input_ids=torch.tensor(qwen_rows(tmp_path, [texts[index]], [images[index]])))
-    texts = [[7, 8, 9, 10, 11, 12, 13], [14, 15]]
-    return glm_inputs([texts[index]], image_seed=index)
+        return dict(input_ids=torch.tensor(qwen_rows(tmp_path, [QWEN_TEXTS[index]], [QWEN_IMAGES[index]])))
+    return glm_inputs([GLM_TEXTS[index]], image_seed=index)
 
 
 # ---------------------------------------------------------------------------------------------
