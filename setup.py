@@ -23,6 +23,9 @@ setup(
         "huggingface-hub",
         "datasets",
         "evaluate",
+        "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    # accelerate: `accelerate launch -m hallupatch.eval` shards a benchmark over processes/GPUs
+    # (its PartialState gives rank, world size, device and barriers); the test installs it to check that.
+    extras_require={"test": ["pytest", "accelerate"], "eval": ["accelerate"]},
 )
