@@ -45,6 +45,7 @@ CHATGLM = register_family(
         layer_ffn_out="mlp.dense_4h_to_h.weight",
         adapter_activation="silu",
         pass_info=glm_pass_info,
+        final_hidden_normed=False,
         image_token_id=lambda model: model.config.boi_token_id,   # <boi>, once per image
         method_defaults={
             "memvr": {"starting_layer": 9, "ending_layer": 16, "retracing_ratio": 0.28, "entropy_threshold": 0.75}
