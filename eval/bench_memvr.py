@@ -6,8 +6,11 @@ the same model) and prints median latencies and their ratio for
   (b) 32 new tokens,
 with MemVR's trigger firing in the first checked layer (threshold 0) and, for reference, never firing.
 
-    python eval/bench_memvr.py                          # CPU-sized default
-    python eval/bench_memvr.py --shape llava-1.5-7b     # the published shape (needs a GPU)
+    python eval/bench_memvr.py                                  # LLaVA, CPU-sized default
+    python eval/bench_memvr.py --shape llava-1.5-7b             # the published shape (needs a GPU)
+    python eval/bench_memvr.py --family qwen|chatglm [--shape published]
+
+MemVR runs with the family's published window (LLaVA 5-16, Qwen-VL-Chat / GLM-4V 9-16).
 """
 from __future__ import annotations
 
@@ -18,15 +21,26 @@ import time
 import torch
 
 import hallupatch
+import hallupatch.spec
 
+FAMILIES = ("llama", "qwen", "chatglm")
 SHAPES = {
     # hidden, intermediate, layers, heads, vocab, vision (hidden, layers, image size)
     "cpu": dict(hidden=256, intermediate=688, layers=18, heads=8, vocab=32000, vision=(64, 2, 336)),
-    "llava-1.5-7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32064, vision=(1024, 24, 336)),
+    "published": dict(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32064, vision=(1024, 24, 336)),
 }
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype):
+def build_case(family: str, shape: str, device: str, dtype: torch.dtype):
+    """``(model, generate_kwargs)``: a random-weight model of the family and shape, one one-image prompt."""
+    if family == "llama":
+        return build_llava(shape, device, dtype)
+    from hallupatch import tiny_remote
+
+    return tiny_remote.build_benchmark_case(family, shape, device=device, dtype=dtype)
+
+
+def build_llava(shape: str, device: str, dtype: torch.dtype):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     s = SHAPES[shape]
@@ -64,7 +78,7 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def compare(model, inputs, new_tokens: int, threshold: float, repeats: int, device: str, knobs: dict):
+def compare(model, inputs, new_tokens: int, threshold: float, repeats: int, device: str):
     """Median seconds of vanilla and MemVR generate, runs alternating so drift hits both alike."""
     def run():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -74,7 +88,7 @@ def compare(model, inputs, new_tokens: int, threshold: float, repeats: int, devi
     for _ in range(repeats):
         hallupatch.remove(model)
         vanilla.append(timed(run, device))
-        hallupatch.apply(model, "memvr", entropy_threshold=threshold, **knobs)
+        hallupatch.apply(model, "memvr", entropy_threshold=threshold)  # the family's published window
         memvr.append(timed(run, device))
     triggers = hallupatch.get_trace(model).trigger_layers()[0]
     hallupatch.remove(model)
@@ -83,17 +97,23 @@ def compare(model, inputs, new_tokens: int, threshold: float, repeats: int, devi
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="MemVR vs vanilla latency, side by side.")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--family", choices=FAMILIES, default="llama")
+    parser.add_argument("--shape", choices=["cpu", "published", "llava-1.5-7b"], default="cpu",
+                        help="cpu-sized, or the published model's shape (llava-1.5-7b, Qwen-VL-Chat, GLM-4V-9b)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: fp16 on cuda, fp32 on cpu)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device == "cuda" else torch.float32)
 
-    model, inputs = build_model(args.shape, args.device, dtype)
-    knobs = dict(retracing_ratio=0.12, starting_layer=5, ending_layer=16)
-    print(f"shape={args.shape} device={args.device} dtype={dtype} layers={len(model.language_model.model.layers)} "
-          f"repeats={args.repeats} (MemVR window 5-16, ratio 0.12)")
+    shape = "published" if args.shape == "llava-1.5-7b" else args.shape
+    model, inputs = build_case(args.family, shape, args.device, dtype)
+    hallupatch.apply(model, "memvr")
+    config = model._hallupatch.configs["memvr"]
+    hallupatch.remove(model)
+    print(f"family={args.family} shape={shape} device={args.device} dtype={dtype} "
+          f"layers={hallupatch.spec.resolve(model).num_layers} repeats={args.repeats} "
+          f"(MemVR window {config.starting_layer}-{config.ending_layer}, ratio {config.retracing_ratio})")
     print(f"{'case':<34} {'vanilla ms':>11} {'memvr ms':>10} {'ratio':>7} {'target':>7}  first triggers")
     with torch.no_grad():
         for label, new_tokens, threshold, target in [
@@ -102,7 +122,7 @@ def main(argv=None) -> None:
             ("(a) prefill + 1 token, never fires", 1, 2.0, "-"),
             ("(b) 32 tokens, never fires", 32, 2.0, "-"),
         ]:
-            base, patched, triggers = compare(model, inputs, new_tokens, threshold, args.repeats, args.device, knobs)
+            base, patched, triggers = compare(model, inputs, new_tokens, threshold, args.repeats, args.device)
             print(f"{label:<34} {base * 1e3:>11.1f} {patched * 1e3:>10.1f} {patched / base:>7.3f} {target:>7}  {triggers[:4]}")
 
 
