@@ -25,6 +25,7 @@ class PassInfo:
 
     real_positions: Optional[torch.Tensor]
     is_prefill: bool
+    batch_size: int
 
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> Dict[str, Any]:
@@ -56,6 +57,7 @@ def hf_pass_info(module: nn.Module, args: tuple, kwargs: dict) -> PassInfo:
 
     The 2-D ``attention_mask`` covers cached plus new positions; the new positions are its last
     ``seq_len`` columns. A pass is a prefill when the cache is empty.
+    A 4-D mask (already expanded by a caller) is not read: positions are then treated as all real.
     """
     call = bind_call(module, args, kwargs)
     embeds = call.get("inputs_embeds")
@@ -65,7 +67,11 @@ def hf_pass_info(module: nn.Module, args: tuple, kwargs: dict) -> PassInfo:
     real = None
     if mask is not None and mask.dim() == 2:
         real = mask[:, -seq_len:].bool()
-    return PassInfo(real_positions=real, is_prefill=cache_length(call.get("past_key_values")) == 0)
+    return PassInfo(
+        real_positions=real,
+        is_prefill=cache_length(call.get("past_key_values")) == 0,
+        batch_size=(embeds if embeds is not None else ids).shape[0],
+    )
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,9 @@ class FamilySpec:
     image_token_id: Callable[[nn.Module], Optional[int]] = lambda model: None
     # turns the visual module's output into a (num_images, tokens, hidden) tensor
     visual_output: Callable[[Any], torch.Tensor] = lambda output: output
-    # published MemVR defaults for the family, overriding MemVRConfig's own defaults
-    memvr_defaults: Dict[str, Any] = field(default_factory=dict)
+    # published per-method defaults for the family, e.g. {"memvr": {"starting_layer": 9}}; they
+    # replace the config class's own defaults for knobs the user does not set
+    method_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,31 @@
+"""hallupatch: decoding-time hallucination mitigation for multimodal LLMs, by patching model code.
+
+    import hallupatch
+    hallupatch.apply(model, method="memvr")   # then model.generate(...) as always
+    hallupatch.remove(model)                  # the exact original model again
+"""
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _map_source_checkout(name: str, folder: str) -> None:
+    """From a source checkout (not installed), make ``hallupatch.<name>`` import the top-level folder,
+    as ``setup.py``'s ``package_dir`` does for an installation."""
+    full = f"{__name__}.{name}"
+    source = _Path(__file__).resolve().parent.parent / folder / "__init__.py"
+    if full in _sys.modules or _importlib_util.find_spec(full) is not None or not source.exists():
+        return
+    spec = _importlib_util.spec_from_file_location(full, source, submodule_search_locations=[str(source.parent)])
+    _sys.modules[full] = module = _importlib_util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+from hallupatch.api import apply, get_trace, patched, remove, set_visual_memory  # noqa: E402
+from hallupatch.early_exit import early_exit_logits  # noqa: E402
+from hallupatch.methods.memvr import MemVRConfig  # noqa: E402
+
+_map_source_checkout("patches", "patches")
+
+__all__ = ["apply", "remove", "patched", "MemVRConfig", "early_exit_logits", "set_visual_memory", "get_trace"]
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Early-exit heads: next-token logits read from any layer (the logit lens).
+
+Hidden-state indices follow transformers' ``output_hidden_states`` tuple (DESIGN §4a): index 0 is the
+embedding output, index ``k`` (1 <= k < N) the raw output of decoder layer ``k`` (1-based), index ``N``
+the last layer's output *after* the final norm. "After 0-based decoder layer ``l``" is index ``l + 1``.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from hallupatch.spec import ModelParts, resolve
+
+
+def parts_of(model: nn.Module) -> ModelParts:
+    """The resolved parts of a model, reusing the patch's resolution when the model is patched."""
+    from hallupatch.engine import get_patch
+
+    patch = get_patch(model)
+    return patch.parts if patch is not None else resolve(model)
+
+
+def head_logits(parts: ModelParts, hidden: torch.Tensor, norm: bool = True) -> torch.Tensor:
+    """``lm_head(final_norm(hidden))`` (``norm=True``) or ``lm_head(hidden)``, in the model's dtype."""
+    if norm:
+        hidden = parts.final_norm(hidden)
+    return parts.lm_head(hidden)
+
+
+def early_exit_logits(
+    model: nn.Module,
+    hidden_states: Union[torch.Tensor, Sequence[torch.Tensor]],
+    layer: int,
+    norm: bool = True,
+) -> torch.Tensor:
+    """Logits of one layer's hidden state: ``lm_head(final_norm(h))``, the logit lens in one call.
+
+    Args:
+        model: any supported model (patched or not).
+        hidden_states: either the tuple from ``output_hidden_states=True`` (``layer`` indexes it) or a
+            single tensor ``(..., hidden)`` that is hidden-state index ``layer``.
+        layer: hidden-state index, 0 (embeddings) to N (final, already normalised); negative values
+            count from the end as in Python.
+        norm: apply the final norm first (the logit lens, MemVR's choice); ``False`` gives
+            ``lm_head(h)`` as DoLa uses. The final norm is never applied twice at index N.
+    """
+    parts = parts_of(model)
+    n = parts.num_layers
+    if not -(n + 1) <= layer <= n:
+        raise ValueError(f"layer must be a hidden-state index in [0, {n}] (or negative from the end); got {layer}")
+    layer = layer % (n + 1)
+    hidden = hidden_states[layer] if isinstance(hidden_states, (tuple, list)) else hidden_states
+    return head_logits(parts, hidden, norm=norm and layer < n)

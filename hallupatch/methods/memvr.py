@@ -1,0 +1,221 @@
+"""MemVR: entropy-triggered visual retracing (DESIGN §4b).
+
+For every forward pass and every sample with a visual memory: after each decoder layer ``l`` with
+``starting_layer < l < ending_layer`` (0-based, both exclusive), an early-exit head reads the sample's
+next-token distribution at its last real position; when the normalised entropy of the top-10 logits
+exceeds ``entropy_threshold`` the sample triggers (once per pass), and the feed-forward output of
+layer ``l + 1`` is mixed with a key-value memory built from the sample's visual tokens, at every
+position of that pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from transformers.activations import ACT2FN
+
+from hallupatch.early_exit import head_logits
+from hallupatch.engine import Patch
+from hallupatch.methods import Method, register_method
+from hallupatch.spec import ModelParts, PassInfo
+
+TOP_K = 10  # the published method reads the entropy of the top-10 logits
+
+
+def adapter_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name == "identity":
+        return lambda x: x
+    return ACT2FN[name]
+
+
+def _activation_names() -> List[str]:
+    return ["identity"] + sorted(ACT2FN.keys())
+
+
+@dataclass
+class MemVRConfig:
+    """MemVR knobs. Defaults are the published LLaVA-1.5 MME setting.
+
+    Args:
+        retracing_ratio: ``α`` in ``(1-α)·F(x) + α·scale·A(x)``; in ``[0, 1]``.
+        entropy_threshold: a sample triggers when the normalised top-10 entropy exceeds this; ``>= 0``.
+        starting_layer, ending_layer: 0-based decoder layers; entropy is checked after layers ``l`` with
+            ``starting_layer < l < ending_layer`` (both exclusive, as published) and retracing happens in
+            layer ``l + 1``. Must satisfy ``0 <= starting_layer < ending_layer <= num_layers - 1``.
+        adapter_activation: ``φ`` of the visual adapter; ``None`` uses the model family's default
+            (identity for llama, SiLU for qwen and chatglm). Any transformers activation name or "identity".
+        early_exit_norm: apply the final norm in the early-exit head (the design's choice; the
+            published Qwen/GLM paths skipped it).
+    """
+
+    retracing_ratio: float = 0.12
+    entropy_threshold: float = 0.75
+    starting_layer: int = 5
+    ending_layer: int = 16
+    adapter_activation: Optional[str] = None
+    early_exit_norm: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.retracing_ratio) <= 1.0:
+            raise ValueError(f"retracing_ratio must be in [0, 1]; got {self.retracing_ratio}")
+        if not float(self.entropy_threshold) >= 0.0:
+            raise ValueError(f"entropy_threshold must be >= 0 (normalised entropy lies in [0, 1]); got {self.entropy_threshold}")
+        if not 0 <= int(self.starting_layer) < int(self.ending_layer):
+            raise ValueError(
+                "starting_layer and ending_layer must satisfy 0 <= starting_layer < ending_layer <= num_layers - 1; "
+                f"got starting_layer={self.starting_layer}, ending_layer={self.ending_layer}"
+            )
+        if self.adapter_activation is not None and self.adapter_activation not in _activation_names():
+            raise ValueError(
+                f"adapter_activation {self.adapter_activation!r} does not exist; use None (the family default) "
+                f"or one of {_activation_names()}"
+            )
+
+    def validate_for(self, parts: ModelParts) -> None:
+        last = parts.num_layers - 1
+        if self.ending_layer > last:
+            raise ValueError(
+                f"ending_layer must be <= num_layers - 1 = {last} for this model (0 <= starting_layer < "
+                f"ending_layer <= {last}); got ending_layer={self.ending_layer}"
+            )
+
+    @property
+    def checked_layers(self) -> range:
+        """0-based layers after which the entropy is read."""
+        return range(self.starting_layer + 1, self.ending_layer)
+
+
+@dataclass
+class PassTrace:
+    """MemVR's record of one forward pass (a prefill or one decoding step).
+
+    ``trigger_layer[b]``: the 0-based layer after which sample ``b``'s entropy exceeded the threshold
+    (retracing then ran in layer ``trigger_layer + 1``), or ``None``. ``entropies[b]``: the normalised
+    top-10 entropies computed for sample ``b``, by 0-based layer.
+    """
+
+    is_prefill: bool
+    trigger_layer: List[Optional[int]]
+    _entropy_rows: List[tuple] = field(default_factory=list, repr=False)  # (layer, rows, values on device)
+
+    @property
+    def entropies(self) -> List[Dict[int, float]]:
+        per_sample: List[Dict[int, float]] = [dict() for _ in self.trigger_layer]
+        for layer, rows, values in self._entropy_rows:
+            for row, value in zip(rows, values.tolist()):
+                per_sample[row][layer] = value
+        return per_sample
+
+
+class MemVRTrace:
+    """Where retracing fired: one :class:`PassTrace` per forward pass since the last prefill."""
+
+    def __init__(self):
+        self.passes: List[PassTrace] = []
+
+    def trigger_layers(self) -> List[List[Optional[int]]]:
+        """``[sample][pass]`` -> 0-based trigger layer or ``None``."""
+        if not self.passes:
+            return []
+        return [[p.trigger_layer[b] for p in self.passes] for b in range(len(self.passes[0].trigger_layer))]
+
+    def to_dict(self) -> dict:
+        return {
+            "passes": [
+                {"is_prefill": p.is_prefill, "trigger_layer": p.trigger_layer, "entropies": p.entropies}
+                for p in self.passes
+            ]
+        }
+
+    def __repr__(self) -> str:
+        return f"MemVRTrace(passes={len(self.passes)}, trigger_layers={self.trigger_layers()})"
+
+
+class MemVR:
+    """The hooks of one MemVR installation."""
+
+    def __init__(self, patch: Patch, config: MemVRConfig):
+        self.patch = patch
+        self.config = config
+        self.parts = patch.parts
+        self.activation = adapter_activation(config.adapter_activation or self.parts.spec.adapter_activation)
+        self.trace = MemVRTrace()
+        self.undecided: List[int] = []        # samples still checked in this pass
+        self.retrace_in: Dict[int, List[int]] = {}  # layer -> samples retraced in it this pass
+        self.current: Optional[PassTrace] = None
+
+        patch.on_pass_start(self.start_pass)
+        for layer in config.checked_layers:
+            patch.hook(self.parts.layers[layer], self._entropy_hook(layer))
+            patch.hook(self.parts.ffn(layer + 1), self._retrace_hook(layer + 1))
+
+    def start_pass(self, info: PassInfo) -> None:
+        memory = self.patch.state.visual_memory
+        if info.is_prefill:
+            self.trace = MemVRTrace()
+        self.current = PassTrace(is_prefill=info.is_prefill, trigger_layer=[None] * info.batch_size)
+        self.trace.passes.append(self.current)
+        self.undecided = [b for b in range(info.batch_size) if memory is not None and memory[b] is not None]
+        self.retrace_in = {}
+        self._last_positions = None
+
+    def _entropy_hook(self, layer: int):
+        def hook(module, args, output):
+            if not self.undecided:
+                return None
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if self._last_positions is None:
+                self._last_positions = self.patch.state.last_positions(hidden.shape[1], hidden.device)
+            rows = torch.tensor(self.undecided, device=hidden.device)
+            last_hidden = hidden[rows, self._last_positions[rows]]
+            logits = head_logits(self.parts, last_hidden, norm=self.config.early_exit_norm).float()
+            top = logits.topk(TOP_K, dim=-1).values
+            entropy = -(top.softmax(-1) * top.log_softmax(-1)).sum(-1) / math.log(TOP_K)
+            self.current._entropy_rows.append((layer, list(self.undecided), entropy))
+            fired = (entropy > self.config.entropy_threshold).tolist()  # one host sync per checked layer
+            triggered = [b for b, hit in zip(self.undecided, fired) if hit]
+            if triggered:
+                for b in triggered:
+                    self.current.trigger_layer[b] = layer
+                self.retrace_in[layer + 1] = triggered
+                self.undecided = [b for b, hit in zip(self.undecided, fired) if not hit]
+            return None
+
+        return hook
+
+    def _retrace_hook(self, layer: int):
+        def hook(module, args, output):
+            rows = self.retrace_in.get(layer)
+            if not rows:
+                return None
+            x = args[0]
+            real = self.patch.state.info.real_positions
+            w_in, w_out = self.parts.ffn_weights(layer)
+            mixed = output.clone()
+            for b in rows:
+                keep = real[b] if real is not None else slice(None)
+                mixed[b] = self.retrace(x[b], output[b], self.patch.state.visual_memory[b], w_in, w_out, keep)
+            return mixed
+
+        return hook
+
+    def retrace(self, x, ffn_out, memory, w_in, w_out, keep) -> torch.Tensor:
+        """``(1-α)·F(x) + α·(mean|F| / mean|A|)·A(x)`` for one sample, ``A(x) = φ(x (s_k Z)ᵀ)(s_v Z)``."""
+        memory = memory.to(device=x.device, dtype=x.dtype)
+        memory_scale = memory.abs().float().mean()
+        key_scale = (w_in.abs().float().mean() / memory_scale).to(x.dtype)
+        value_scale = (w_out.abs().float().mean() / memory_scale).to(x.dtype)
+        adapter = self.activation(x @ (key_scale * memory).T) @ (value_scale * memory)
+        ratio = self.config.retracing_ratio
+        balance = ffn_out[keep].abs().float().mean() / adapter[keep].abs().float().mean()
+        return (1 - ratio) * ffn_out + (ratio * balance).to(x.dtype) * adapter
+
+
+def install(patch: Patch, config: MemVRConfig) -> MemVR:
+    config.validate_for(patch.parts)
+    return MemVR(patch, config)
+
+
+register_method(Method(name="memvr", config_cls=MemVRConfig, install=install))
