@@ -20,7 +20,7 @@ divergence over the batch), so a batched run equals the single runs.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -155,18 +155,21 @@ def select_and_contrast(
     premature_logits: torch.Tensor,
     prior: Optional[torch.Tensor] = None,
     uniform: Optional[torch.Tensor] = None,
-) -> "tuple[torch.Tensor, torch.Tensor]":
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """One decoding step of §4c for a batch.
 
     ``final_logits``: ``(batch, vocab)``; ``premature_logits``: ``(candidates, batch, vocab)``.
-    Returns ``(contrasted (batch, vocab) float32, chosen (batch,) positions into the candidates)``.
-    With a single candidate no divergence is computed and that candidate is used.
+    Returns ``(contrasted (batch, vocab) float32, chosen (batch,) positions into the candidates,
+    divergence (candidates, batch) or None)``. With a single candidate no divergence is computed and
+    that candidate is used.
     """
     batch = final_logits.shape[0]
+    divergence = None
     if premature_logits.shape[0] == 1:
         chosen = torch.zeros(batch, dtype=torch.long, device=final_logits.device)
     else:
-        chosen = choose_premature(layer_divergence(final_logits, premature_logits), prior, uniform)
-    rows = torch.arange(batch, device=final_logits.device)
-    premature = premature_logits[chosen.to(premature_logits.device), rows.to(premature_logits.device)]
-    return contrast_logits(final_logits, premature), chosen
+        divergence = layer_divergence(final_logits, premature_logits)
+        chosen = choose_premature(divergence, prior, uniform)
+    rows = torch.arange(batch, device=premature_logits.device)
+    premature = premature_logits[chosen.to(premature_logits.device), rows]
+    return contrast_logits(final_logits, premature), chosen, divergence

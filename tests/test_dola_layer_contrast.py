@@ -125,7 +125,7 @@ def test_contrast_flat_distribution_keeps_everything():
 def test_select_and_contrast_argmax_per_sample():
     f = _random_logits(6, 4, 11)
     g = _random_logits(7, 3, 4, 11)
-    out, chosen = lc.select_and_contrast(f, g)
+    out, chosen, _ = lc.select_and_contrast(f, g)
     for b in range(4):
         ds = [_ref_divergence(f[b].double().tolist(), g[c, b].double().tolist()) for c in range(3)]
         best = max(range(3), key=lambda c: ds[c])
@@ -138,9 +138,9 @@ def test_select_and_contrast_argmax_per_sample():
 def test_select_and_contrast_is_batch_invariant():
     f = _random_logits(8, 4, 13)
     g = _random_logits(9, 5, 4, 13)
-    out, chosen = lc.select_and_contrast(f, g)
+    out, chosen, _ = lc.select_and_contrast(f, g)
     for b in range(4):
-        single, c1 = lc.select_and_contrast(f[b : b + 1], g[:, b : b + 1])
+        single, c1, _ = lc.select_and_contrast(f[b : b + 1], g[:, b : b + 1])
         assert c1.item() == chosen[b].item()
         assert torch.equal(single[0], out[b])
 
@@ -148,8 +148,8 @@ def test_select_and_contrast_is_batch_invariant():
 def test_single_candidate_needs_no_divergence():
     f = _random_logits(10, 2, 7)
     g = _random_logits(11, 1, 2, 7)
-    out, chosen = lc.select_and_contrast(f, g, prior=torch.tensor([5.0]))
-    assert chosen.tolist() == [0, 0]
+    out, chosen, d = lc.select_and_contrast(f, g, prior=torch.tensor([5.0]))
+    assert chosen.tolist() == [0, 0] and d is None
     torch.testing.assert_close(out, lc.contrast_logits(f, g[0]))
 
 
