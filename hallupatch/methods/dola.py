@@ -57,7 +57,10 @@ def load_layer_prior(path: Union[str, os.PathLike]) -> dict:
         raise FileNotFoundError(f"layer prior file not found: {path} (write one with `python -m hallupatch.prior`)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        prior = {int(layer): float(weight) for layer, weight in zip(data["layers"], data["prior"], strict=True)}
+        layers, weights = list(data["layers"]), list(data["prior"])
+        if len(layers) != len(weights):
+            raise ValueError(f"{len(layers)} layers but {len(weights)} weights")
+        prior = {int(layer): float(weight) for layer, weight in zip(layers, weights)}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(
             f"{path} is not a layer prior: expected JSON with equal-length lists 'layers' and 'prior' ({err})"
