@@ -334,3 +334,32 @@ def test_low_high_follow_tied_embeddings(llava):
         assert out.shape == (1, 7)
     finally:
         hallupatch.remove(tied)
+
+
+@pytest.mark.parametrize("n", [2, 8, 32, 48])
+@pytest.mark.parametrize("tie", [False, True])
+def test_candidate_layers_on_real_llama_configs(n, tie):
+    from hallupatch.spec import resolve
+    from hallupatch.methods.dola import DoLaConfig
+
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=n,
+                         num_attention_heads=1, tie_word_embeddings=tie)
+    parts = resolve(LlamaForCausalLM(config))
+    assert tied_embeddings(parts) is tie
+    start = (2 if n > 2 else 1) if tie else 0
+    low = [start] if start == n // 2 else list(range(start, n // 2 if n <= 40 else 20, 2))
+    high = list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
+    assert DoLaConfig(candidate_layers="low").layers_for(parts) == low
+    assert DoLaConfig(candidate_layers="high").layers_for(parts) == high
+    assert DoLaConfig(candidate_layers=[0, n - 1, n]).layers_for(parts) == [0, n - 1]
+
+
+def test_readme_example_runs(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Layer contrast (DoLa) and layer priors", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "assistant" in printed and "[[" in printed
