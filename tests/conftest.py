@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random-weight checkpoints, saved and reloaded through ``from_pretrained``."""
+import pytest
+import torch
+
+from hallupatch.tiny import build_tiny_llava_checkpoint
+
+TINY_LAYERS = 6
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    return build_tiny_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava"), seed=0, num_layers=TINY_LAYERS)
+
+
+def load_llava(path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture()
+def llava(tiny_llava_dir):
+    """A freshly loaded tiny llava-hf model and its processor."""
+    return load_llava(tiny_llava_dir)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
