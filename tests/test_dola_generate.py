@@ -363,3 +363,18 @@ def test_readme_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "assistant" in printed and "[[" in printed
+
+
+def test_without_cache_every_pass_is_a_prefill_but_decoding_is_unchanged(llava):
+    model, processor = llava
+    inputs = _inputs(processor, PROMPTS, [0, 1])
+    hallupatch.apply(model, method="dola", candidate_layers=ALL, layer_prior=[0.2, 0.0, 0.4, 0.1], seed=5)
+    kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    cached = _quiet_generate(model, **inputs, **kwargs)
+    cached_layers = hallupatch.get_layer_trace(model).layers()
+    uncached = _quiet_generate(model, **inputs, use_cache=False, **kwargs)
+    assert hallupatch.get_layer_trace(model).layers() == cached_layers
+    assert len(cached_layers[0]) == len(cached.scores) == 5
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.scores, uncached.scores):
+        _assert_scores_equal(a, b.double())

@@ -81,8 +81,8 @@ class DoLaConfig:
         early_exit_norm: apply the final norm before the LM head on the candidate layers (``False``,
             as transformers' DoLa and the published code do).
         seed: with a prior, seed the layer draws: every sample gets its own generator seeded with
-            ``seed`` at each new sequence, so a sample's draws do not depend on its batch companions
-            (``None``: torch's global generator).
+            ``seed`` at each ``generate()`` call, so a sample's draws do not depend on its batch
+            companions (``None``: torch's global generator).
     """
 
     candidate_layers: CandidateSpec = "high"
@@ -154,7 +154,7 @@ class DoLaConfig:
 
 @dataclass
 class LayerContrastTrace:
-    """Which premature layer each sample contrasted with, per decoding step since the last prefill.
+    """Which premature layer each sample contrasted with, per decoding step of the latest ``generate()``.
 
     ``divergences[step]`` is the ``(candidates, batch)`` divergence tensor of that step (``None`` when
     only one candidate was in play).
@@ -204,10 +204,6 @@ class LayerContrast:
     # -- hooks ------------------------------------------------------------------------------------
     def _start_pass(self, info: PassInfo) -> None:
         self._hidden = {}
-        if info.is_prefill:
-            self.trace = LayerContrastTrace(self.candidates)
-            if self.config.seed is not None:
-                self._generators = [torch.Generator().manual_seed(self.config.seed) for _ in range(info.batch_size)]
 
     def _capture(self, layer: int):
         def hook(module, args, kwargs):
@@ -223,6 +219,9 @@ class LayerContrast:
             generation_config = kwargs.get("generation_config", args[0] if args else None)
             if generation_config is not None:
                 self._check_generation_config(generation_config)
+            # a new generate() call: fresh trace, and the seeded layer draws start again
+            self.trace = LayerContrastTrace(self.candidates)
+            self._generators = None
             processors.insert(0, LayerContrastProcessor(self))
             return processors
 
@@ -275,8 +274,10 @@ class LayerContrast:
         return contrasted
 
     def _uniform(self, batch: int, device: torch.device) -> Optional[torch.Tensor]:
-        if self._generators is None:
+        if self.config.seed is None:
             return None  # choose_premature draws from torch's global generator
+        if self._generators is None:
+            self._generators = [torch.Generator().manual_seed(self.config.seed) for _ in range(batch)]
         if len(self._generators) != batch:
             raise RuntimeError(f"layer prior generators were seeded for batch {len(self._generators)}, got {batch}")
         return torch.cat([torch.rand(1, generator=g) for g in self._generators]).to(device)
