@@ -257,7 +257,8 @@ class LayerContrast:
                 "outside generate)"
             )
         use = self.candidates if self.forced is None else [self.candidates[self.forced]]
-        hidden = torch.stack([self._hidden[layer] for layer in use], dim=0)   # (K, B, H)
+        # (K, B, H); layers may sit on different devices when the model is split across GPUs
+        hidden = torch.stack([self._hidden[layer].to(scores.device) for layer in use], dim=0)
         self._hidden = {}
         if hidden.shape[1] != scores.shape[0]:
             raise RuntimeError(
