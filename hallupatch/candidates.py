@@ -126,8 +126,8 @@ def generate_candidates(
     try:
         contrast = get_patch(model).methods["dola"]
         input_ids = _input_ids(inputs)
-        pad = _config_value(model, "pad_token_id")
-        eos = _config_value(model, "eos_token_id")
+        pad = generate_kwargs.get("pad_token_id", _config_value(model, "pad_token_id"))
+        eos = generate_kwargs.get("eos_token_id", _config_value(model, "eos_token_id"))
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         per_layer = []
         for position in range(len(layers)):
