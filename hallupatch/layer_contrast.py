@@ -20,6 +20,7 @@ divergence over the batch), so a batched run equals the single runs.
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -49,6 +50,36 @@ def start_layer(num_layers: int, tied_embeddings: bool) -> int:
     return 0
 
 
+def check_candidate_spec(spec: CandidateSpec) -> CandidateSpec:
+    """Validate a candidate-layer spec: ``"low"``, ``"high"`` or a non-empty list of hidden-state indices >= 0.
+
+    Returns the spec with a sequence turned into a list of ints; raises ``ValueError`` otherwise.
+    """
+    usage = "candidate_layers must be 'low', 'high' or a list of hidden-state indices (0 = embedding output)"
+    if isinstance(spec, str):
+        if spec not in ("low", "high"):
+            raise ValueError(f"{usage}; got {spec!r}")
+        return spec
+    if spec is None or isinstance(spec, (int, float)) or isinstance(spec, torch.Tensor) and spec.dim() == 0:
+        raise ValueError(f"{usage}; got {spec!r}")
+    try:
+        given = list(spec)
+    except TypeError:
+        raise ValueError(f"{usage}; got {spec!r}") from None
+    if not given:
+        raise ValueError(f"{usage}; got an empty list")
+    layers = []
+    for layer in given:
+        try:
+            index = operator.index(layer)  # ints, numpy ints, integer scalar tensors; not floats
+        except TypeError:
+            index = None
+        if isinstance(layer, bool) or index is None or index < 0:
+            raise ValueError(f"candidate_layers entries must be hidden-state indices >= 0; got {layer!r}")
+        layers.append(index)
+    return layers
+
+
 def candidate_layers(spec: CandidateSpec, num_layers: int, tied_embeddings: bool) -> List[int]:
     """Candidate premature layers (hidden-state indices) for ``spec`` on an ``num_layers``-layer model.
 
@@ -56,33 +87,22 @@ def candidate_layers(spec: CandidateSpec, num_layers: int, tied_embeddings: bool
     above 40 layers). ``"high"``: ``range(N // 2, N, 2)`` (``range(N - 20, N, 2)`` above 40 layers).
     A list keeps its indices below ``N`` (in the given order), as transformers does.
 
-    Raises ``ValueError`` for an unknown spec, negative or non-integer indices, or an empty result.
+    Raises ``ValueError`` for an invalid spec (see :func:`check_candidate_spec`) or an empty result.
     """
     n = int(num_layers)
     if n < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if isinstance(spec, str):
+    spec = check_candidate_spec(spec)
+    if spec == "low":
         start = start_layer(n, tied_embeddings)
-        if spec == "low":
-            if start == n // 2:
-                layers = [start]
-            else:
-                layers = list(range(start, n // 2, 2)) if n <= 40 else list(range(start, 20, 2))
-        elif spec == "high":
-            layers = list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
+        if start == n // 2:
+            layers = [start]
         else:
-            raise ValueError(f"candidate_layers must be 'low', 'high' or a list of ints, got {spec!r}")
+            layers = list(range(start, n // 2, 2)) if n <= 40 else list(range(start, 20, 2))
+    elif spec == "high":
+        layers = list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
     else:
-        try:
-            given = list(spec)
-        except TypeError:
-            raise ValueError(f"candidate_layers must be 'low', 'high' or a list of ints, got {spec!r}") from None
-        for layer in given:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(
-                    f"candidate_layers entries must be hidden-state indices >= 0 (0 = embedding output), got {layer!r}"
-                )
-        layers = [layer for layer in given if layer < n]
+        layers = [layer for layer in spec if layer < n]
     if not layers:
         raise ValueError(
             f"candidate_layers={spec!r} leaves no premature layer for a {n}-layer model "

@@ -184,3 +184,14 @@ def test_prior_sampling_frequencies_match_distribution():
     freq = counts / draws
     tol = 4 * torch.sqrt(expected * (1 - expected) / draws)
     assert torch.all((freq - expected).abs() <= tol), (freq, expected)
+
+
+def test_check_candidate_spec_normalises_sequences():
+    import numpy as np
+
+    assert lc.check_candidate_spec(np.array([1, 3])) == [1, 3]
+    assert lc.check_candidate_spec((0, 2)) == [0, 2]
+    assert lc.check_candidate_spec(torch.tensor([4])) == [4]
+    assert lc.check_candidate_spec("high") == "high"
+    with pytest.raises(ValueError, match="empty"):
+        lc.check_candidate_spec([])

@@ -25,7 +25,7 @@ from transformers import LogitsProcessor
 
 from hallupatch.early_exit import head_logits
 from hallupatch.engine import Patch
-from hallupatch.layer_contrast import CandidateSpec, candidate_layers, select_and_contrast
+from hallupatch.layer_contrast import CandidateSpec, candidate_layers, check_candidate_spec, select_and_contrast
 from hallupatch.methods import Method, register_method
 from hallupatch.spec import ModelParts, PassInfo
 
@@ -91,19 +91,7 @@ class DoLaConfig:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        spec = self.candidate_layers
-        if isinstance(spec, str):
-            if spec not in ("low", "high"):
-                raise ValueError(f"candidate_layers must be 'low', 'high' or a list of hidden-state indices; got {spec!r}")
-        else:
-            if isinstance(spec, (int, float)) or spec is None:
-                raise ValueError(f"candidate_layers must be 'low', 'high' or a list of hidden-state indices; got {spec!r}")
-            self.candidate_layers = list(spec)
-            if not self.candidate_layers:
-                raise ValueError("candidate_layers must not be an empty list")
-            for layer in self.candidate_layers:
-                if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                    raise ValueError(f"candidate_layers entries must be hidden-state indices >= 0; got {layer!r}")
+        self.candidate_layers = check_candidate_spec(self.candidate_layers)
         prior = self.layer_prior
         if isinstance(prior, (str, os.PathLike)):
             if not Path(prior).is_file():
