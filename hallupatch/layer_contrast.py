@@ -30,8 +30,6 @@ CandidateSpec = Union[str, Sequence[int]]
 
 #: tokens kept by the relative-top filter: final probability >= RELATIVE_TOP * max probability
 RELATIVE_TOP = 0.1
-#: the value the published filter writes on the premature side outside the kept set
-PREMATURE_FILTER_VALUE = -1e-3
 
 
 def start_layer(num_layers: int, tied_embeddings: bool) -> int:
@@ -118,12 +116,15 @@ def layer_divergence(final_logits: torch.Tensor, premature_logits: torch.Tensor)
     Returns ``(candidates, batch)`` float32: ``0.5 * (mean_v kl_div(log p_f, M) + mean_v kl_div(log p_c, M))``
     with ``M = (p_f + p_c) / 2`` and ``kl_div`` as in torch (``KL(M || .)``, as published).
     """
-    f = final_logits.float()
-    g = premature_logits.float()
-    mix = 0.5 * (F.softmax(f, dim=-1).unsqueeze(0) + F.softmax(g, dim=-1))
-    kl_final = F.kl_div(F.log_softmax(f, dim=-1).unsqueeze(0).expand_as(mix), mix, reduction="none").mean(-1)
-    kl_premature = F.kl_div(F.log_softmax(g, dim=-1), mix, reduction="none").mean(-1)
-    return 0.5 * (kl_final + kl_premature)
+    return _divergence(F.log_softmax(final_logits.float(), dim=-1), F.log_softmax(premature_logits.float(), dim=-1))
+
+
+def _divergence(log_final: torch.Tensor, log_premature: torch.Tensor) -> torch.Tensor:
+    # kl_div(x, M) is M * (log M - x) elementwise (0 where M = 0), so the two published terms add up to
+    # mean_v(2 M log M - M (log p_f + log p_c)): the same quantity with one log and fewer passes.
+    log_final = log_final.unsqueeze(0)
+    mix = 0.5 * (log_final.exp() + log_premature.exp())
+    return 0.5 * (2 * torch.xlogy(mix, mix) - mix * (log_final + log_premature)).mean(-1)
 
 
 def layer_probabilities(divergence: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -162,12 +163,15 @@ def contrast_logits(final_logits: torch.Tensor, premature_logits: torch.Tensor) 
     ``log_softmax(f) - log_softmax(g)`` where ``log_softmax(f) >= max + log(RELATIVE_TOP)`` (the
     arg-max token always passes), ``-inf`` elsewhere.
     """
-    log_f = F.log_softmax(final_logits.float(), dim=-1)
-    log_g = F.log_softmax(premature_logits.float(), dim=-1)
-    threshold = log_f.max(dim=-1, keepdim=True).values + math.log(RELATIVE_TOP)
-    keep = log_f >= threshold
-    log_g = log_g.masked_fill(~keep, PREMATURE_FILTER_VALUE)
-    return (log_f - log_g).masked_fill(~keep, float("-inf"))
+    return _contrast(F.log_softmax(final_logits.float(), dim=-1), F.log_softmax(premature_logits.float(), dim=-1))
+
+
+def _contrast(log_final: torch.Tensor, log_premature: torch.Tensor) -> torch.Tensor:
+    threshold = log_final.max(dim=-1, keepdim=True).values + math.log(RELATIVE_TOP)
+    keep = log_final >= threshold
+    # the published filter writes -1e-3 on the premature side outside `keep`; those
+    # entries end as -inf either way
+    return torch.where(keep, log_final - log_premature, float("-inf"))
 
 
 def select_and_contrast(
@@ -181,15 +185,16 @@ def select_and_contrast(
     ``final_logits``: ``(batch, vocab)``; ``premature_logits``: ``(candidates, batch, vocab)``.
     Returns ``(contrasted (batch, vocab) float32, chosen (batch,) positions into the candidates,
     divergence (candidates, batch) or None)``. With a single candidate no divergence is computed and
-    that candidate is used.
+    that candidate is used. Each log-softmax is computed once and shared by both steps.
     """
     batch = final_logits.shape[0]
+    log_final = F.log_softmax(final_logits.float(), dim=-1)
+    log_premature = F.log_softmax(premature_logits.to(final_logits.device).float(), dim=-1)
     divergence = None
-    if premature_logits.shape[0] == 1:
+    if log_premature.shape[0] == 1:
         chosen = torch.zeros(batch, dtype=torch.long, device=final_logits.device)
     else:
-        divergence = layer_divergence(final_logits, premature_logits)
+        divergence = _divergence(log_final, log_premature)
         chosen = choose_premature(divergence, prior, uniform)
-    rows = torch.arange(batch, device=premature_logits.device)
-    premature = premature_logits[chosen.to(premature_logits.device), rows]
-    return contrast_logits(final_logits, premature), chosen, divergence
+    rows = torch.arange(batch, device=final_logits.device)
+    return _contrast(log_final, log_premature[chosen, rows]), chosen, divergence

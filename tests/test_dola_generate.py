@@ -390,3 +390,43 @@ def test_shared_knob_and_separate_configs_for_memvr_plus_dola(llava):
     configs = get_patch(model).configs
     assert configs["memvr"].early_exit_norm is True and configs["dola"].early_exit_norm is False
     assert get_patch(model).methods["dola"].candidates == [1, 3]
+
+
+def test_premature_logits_ride_on_the_models_own_head_call(llava):
+    model, processor = llava
+    inputs = _inputs(processor, PROMPTS, [0, 1])
+    calls = []
+    handle = model.language_model.lm_head.register_forward_hook(lambda m, a, o: calls.append(tuple(a[0].shape)))
+    try:
+        hallupatch.apply(model, method="dola", candidate_layers=ALL)
+        _quiet_generate(model, **inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+    # one head call per forward pass, holding the model's rows plus 4 candidates x 2 samples
+    # (the prefill's rows are the prompt with the image token expanded into the image's patches)
+    assert len(calls) == 3 and calls[1:] == [(2 + 8, 64), (2 + 8, 64)]
+    assert calls[0][0] - 8 > 2 * inputs["input_ids"].shape[1] and (calls[0][0] - 8) % 2 == 0
+
+
+def test_head_not_called_as_module_falls_back_to_own_projection():
+    # llama with pretraining_tp > 1 computes its logits from slices of the head's weight
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, pretraining_tp=2, pad_token_id=0, eos_token_id=-1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    hallupatch.apply(model, method="dola", candidate_layers=ALL)
+    try:
+        out = _quiet_generate(model, input_ids=ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                              output_scores=True, output_logits=True, output_hidden_states=True)
+    finally:
+        hallupatch.remove(model)
+    head = model.lm_head.weight.double()
+    for t, hidden_states in enumerate(out.hidden_states):
+        final = out.logits[t][0]
+        prem = [hidden_states[k][0, -1].double() @ head.T for k in ALL]
+        d = [_ref_divergence(final, g) for g in prem]
+        expected = _ref_contrast(final, prem[max(range(4), key=lambda i: d[i])])
+        _assert_scores_equal(out.scores[t][0], expected)

@@ -5,6 +5,10 @@
 * a forward pre-hook on each candidate decoder layer ``k`` that keeps the last position of its input,
   which is hidden-state index ``k`` (index 0 = the embedding output) after anything other methods
   (e.g. MemVR's retracing) did to the layers below;
+* hooks on the LM head that, once the decoder stack has run, append those hidden states to the head's
+  input, so the premature logits come out of the model's own (memory-bound) LM-head call instead of a
+  second pass over its weight; the model's logits are split off unchanged in shape. Where the head is
+  not called as a module (e.g. llama's ``pretraining_tp > 1``) the processor computes them itself;
 * a wrapper around the instance's ``_get_logits_processor`` that puts :class:`LayerContrastProcessor`
   first in the processor list, so the contrast runs before every user processor and, when sampling,
   before the warpers (transformers 4.40 applies warpers after processors). ``output_logits`` keeps the
@@ -180,18 +184,26 @@ class LayerContrast:
         self.forced: Optional[int] = None          # a position in `candidates` used for every step
         self.trace = LayerContrastTrace(self.candidates)
         self._hidden: dict = {}
+        self._decoder_done = False
+        self._head_rows: Optional[tuple] = None       # (rows of the model's own head input, its shape)
+        self._premature: Optional[torch.Tensor] = None  # (K, B, vocab) from the merged head call
         self._generators: Optional[List[torch.Generator]] = None
         self._warned = False
 
         patch.on_pass_start(self._start_pass)
         for layer in sorted(set(self.candidates)):
             patch.hook(self.parts.layers[layer], self._capture(layer), pre=True, with_kwargs=True)
+        patch.hook(self.parts.decoder, self._decoder_finished)
+        patch.hook(self.parts.lm_head, self._head_input, pre=True)
+        patch.hook(self.parts.lm_head, self._head_output)
         original = patch.model._get_logits_processor
         patch.wrap(patch.model, "_get_logits_processor", self._processor_factory(original))
 
     # -- hooks ------------------------------------------------------------------------------------
     def _start_pass(self, info: PassInfo) -> None:
         self._hidden = {}
+        self._decoder_done = False
+        self._premature = None
 
     def _capture(self, layer: int):
         def hook(module, args, kwargs):
@@ -200,6 +212,34 @@ class LayerContrast:
             return None
 
         return hook
+
+    def _used_layers(self) -> List[int]:
+        return self.candidates if self.forced is None else [self.candidates[self.forced]]
+
+    def _decoder_finished(self, module, args, output) -> None:
+        self._decoder_done = True
+
+    def _head_input(self, module, args):
+        """The model's own LM-head call (after the decoder stack): append the premature hidden states."""
+        use = self._used_layers()
+        if not self._decoder_done or not args or any(layer not in self._hidden for layer in use):
+            return None  # an early-exit head inside the stack (e.g. MemVR's), or nothing captured
+        self._decoder_done = False
+        x = args[0]
+        hidden = torch.stack([self._hidden[layer].to(x.device, x.dtype) for layer in use], dim=0)  # (K, B, H)
+        if self.config.early_exit_norm:
+            hidden = self.parts.final_norm(hidden).to(x.dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        self._head_rows = (rows.shape[0], x.shape[:-1], hidden.shape[:2])
+        return (torch.cat([rows, hidden.reshape(-1, hidden.shape[-1])], dim=0),) + tuple(args[1:])
+
+    def _head_output(self, module, args, output):
+        if self._head_rows is None:
+            return None
+        own, shape, (k, batch) = self._head_rows
+        self._head_rows = None
+        self._premature = output[own:].reshape(k, batch, output.shape[-1]).detach()
+        return output[:own].reshape(*shape, output.shape[-1])
 
     def _processor_factory(self, original):
         def get_logits_processor(*args, **kwargs):
@@ -244,15 +284,19 @@ class LayerContrast:
                 "generate() with greedy decoding or sampling (not assisted generation or a processor reused "
                 "outside generate)"
             )
-        use = self.candidates if self.forced is None else [self.candidates[self.forced]]
-        # (K, B, H); layers may sit on different devices when the model is split across GPUs
-        hidden = torch.stack([self._hidden[layer].to(scores.device) for layer in use], dim=0)
-        self._hidden = {}
-        if hidden.shape[1] != scores.shape[0]:
+        use = self._used_layers()
+        premature = self._premature
+        if premature is None:  # the LM head was not called as a module: project here
+            self._decoder_done = False  # (so this head call is not taken for the model's own)
+            # (K, B, H); layers may sit on different devices when the model is split across GPUs
+            hidden = torch.stack([self._hidden[layer].to(scores.device) for layer in use], dim=0)
+            premature = head_logits(self.parts, hidden, norm=self.config.early_exit_norm)
+        self._hidden, self._premature = {}, None
+        if premature.shape[1] != scores.shape[0]:
             raise RuntimeError(
-                f"layer contrast saw a forward pass of batch {hidden.shape[1]} but scores of batch {scores.shape[0]}"
+                f"layer contrast saw a forward pass of batch {premature.shape[1]} but scores of batch {scores.shape[0]}"
             )
-        premature = head_logits(self.parts, hidden, norm=self.config.early_exit_norm).to(scores.device)
+        premature = premature.to(scores.device)
         several = len(use) > 1
         uniform = self._uniform(scores.shape[0], scores.device) if several and self.prior is not None else None
         contrasted, chosen, divergence = select_and_contrast(scores, premature, self.prior, uniform)
