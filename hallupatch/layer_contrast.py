@@ -121,10 +121,12 @@ def layer_divergence(final_logits: torch.Tensor, premature_logits: torch.Tensor)
 
 def _divergence(log_final: torch.Tensor, log_premature: torch.Tensor) -> torch.Tensor:
     # kl_div(x, M) is M * (log M - x) elementwise (0 where M = 0), so the two published terms add up to
-    # mean_v(2 M log M - M (log p_f + log p_c)): the same quantity with one log and fewer passes.
+    # mean_v M (2 log M - log p_f - log p_c): the same quantity with one log and fewer passes. Clamping M
+    # before the log keeps M = 0 at 0 (as kl_div's xlogy does, at a fraction of its cost).
     log_final = log_final.unsqueeze(0)
     mix = 0.5 * (log_final.exp() + log_premature.exp())
-    return 0.5 * (2 * torch.xlogy(mix, mix) - mix * (log_final + log_premature)).mean(-1)
+    log_mix = mix.clamp_min(torch.finfo(mix.dtype).tiny).log()
+    return 0.5 * (mix * (2 * log_mix - log_final - log_premature)).mean(-1)
 
 
 def layer_probabilities(divergence: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
