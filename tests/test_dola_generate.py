@@ -199,6 +199,7 @@ def test_prior_sampling_frequencies_match_softmax_of_softmax_plus_prior(llava):
             variance += p * (1 - p)
             observed[ALL.index(trace.layers()[b][t])] += 1
     assert observed.sum() == 4 * steps_count
+    assert [trace.counts()[layer] for layer in ALL] == observed.long().tolist()
     tolerance = 4 * variance.sqrt() + 1
     assert torch.all((observed - expected).abs() <= tolerance), (observed, expected)
     # the prior matters: without it the argmax layer would be taken every time
