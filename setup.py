@@ -23,6 +23,11 @@ setup(
         "huggingface-hub",
         "datasets",
         "evaluate",
+        "tqdm",
+        "lemminflect",  # CHAIR's singulariser: ships its data, works offline (NLTK's data cannot be pip-installed)
+        "pycocoevalcap",  # official COCO caption metrics (BLEU/METEOR/ROUGE-L/CIDEr); needs a Java runtime
     ],
-    extras_require={"test": ["pytest"]},
+    # accelerate: `accelerate launch -m hallupatch.eval` shards a benchmark over processes/GPUs
+    # (its PartialState gives rank, world size, device and barriers); the test installs it to check that.
+    extras_require={"test": ["pytest", "accelerate"], "eval": ["accelerate"]},
 )

@@ -37,6 +37,8 @@ def early_exit_logits(
 ) -> torch.Tensor:
     """Logits of one layer's hidden state: ``lm_head(final_norm(h))``, the logit lens in one call.
 
+    At the last index this equals the model's own logits.
+
     Args:
         model: any supported model (patched or not).
         hidden_states: either the tuple from ``output_hidden_states=True`` (``layer`` indexes it) or a
@@ -44,7 +46,8 @@ def early_exit_logits(
         layer: hidden-state index, 0 (embeddings) to N (final, already normalised); negative values
             count from the end as in Python.
         norm: apply the final norm first (the logit lens, MemVR's choice); ``False`` gives
-            ``lm_head(h)`` as DoLa uses. The final norm is never applied twice at index N.
+            ``lm_head(h)`` as DoLa uses. At index N the final norm is applied only where the family's
+            last hidden state lacks it (GLM-4V), so it is never applied twice.
     """
     parts = parts_of(model)
     n = parts.num_layers
@@ -52,4 +55,5 @@ def early_exit_logits(
         raise ValueError(f"layer must be a hidden-state index in [0, {n}] (or negative from the end); got {layer}")
     layer = layer % (n + 1)
     hidden = hidden_states[layer] if isinstance(hidden_states, (tuple, list)) else hidden_states
-    return head_logits(parts, hidden, norm=norm and layer < n)
+    already_normed = layer == n and parts.spec.final_hidden_normed
+    return head_logits(parts, hidden, norm=norm and not already_normed)

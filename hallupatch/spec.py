@@ -103,6 +103,9 @@ class FamilySpec:
     image_token_id: Callable[[nn.Module], Optional[int]] = lambda model: None
     # turns the visual module's output into a (num_images, tokens, hidden) tensor
     visual_output: Callable[[Any], torch.Tensor] = lambda output: output
+    # whether the last entry of the model's output_hidden_states has the final norm applied (transformers
+    # models: yes; GLM-4V's own code returns the last layer's raw output there)
+    final_hidden_normed: bool = True
     # published per-method defaults for the family, e.g. {"memvr": {"starting_layer": 9}}; they
     # replace the config class's own defaults for knobs the user does not set
     method_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)

@@ -204,12 +204,13 @@ class MemVR:
     def retrace(self, x, ffn_out, memory, w_in, w_out, keep) -> torch.Tensor:
         """``(1-α)·F(x) + α·(mean|F| / mean|A|)·A(x)`` for one sample, ``A(x) = φ(x (s_k Z)ᵀ)(s_v Z)``."""
         memory = memory.to(device=x.device, dtype=x.dtype)
-        memory_scale = memory.abs().float().mean()
-        key_scale = (w_in.abs().float().mean() / memory_scale).to(x.dtype)
-        value_scale = (w_out.abs().float().mean() / memory_scale).to(x.dtype)
+        wide = torch.promote_types(x.dtype, torch.float32)  # means in at least float32
+        memory_scale = memory.abs().to(wide).mean()
+        key_scale = (w_in.abs().to(wide).mean() / memory_scale).to(x.dtype)
+        value_scale = (w_out.abs().to(wide).mean() / memory_scale).to(x.dtype)
         adapter = self.activation(x @ (key_scale * memory).T) @ (value_scale * memory)
         ratio = self.config.retracing_ratio
-        balance = ffn_out[keep].abs().float().mean() / adapter[keep].abs().float().mean()
+        balance = ffn_out[keep].abs().to(wide).mean() / adapter[keep].abs().to(wide).mean()
         return (1 - ratio) * ffn_out + (ratio * balance).to(x.dtype) * adapter
 
 

@@ -1,0 +1,348 @@
+"""Model loading and each family's published evaluation prompt, behind one small interface.
+
+The family-specific parts are data: :data:`RECIPES` holds, per family, the conversation template,
+how the benchmark question is rewritten, the image preprocessing and the generation length, each
+with the published source it follows. The backends only turn a recipe into model inputs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from hallupatch.eval.tasks import Question
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+_YES_NO_SUFFIX = re.compile(r"\s*Please answer yes or no\.\s*$")
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family's published evaluation recipe.
+
+    ``template``: the full prompt, with ``{question}`` and (Qwen) ``{image}``; ``None`` = the
+    tokenizer's own chat template. ``question_style``: ``"short_answer"`` (LLaVA-1.5: drop
+    ``Please answer yes or no.``, append :data:`SHORT_ANSWER`) or ``"as_is"``. ``pad_to_square``: pad
+    the image to a square with the processor's mean colour before preprocessing (LLaVA-1.5's
+    ``image_aspect_ratio="pad"``). ``max_new_tokens``: ``None`` = the checkpoint's generation config.
+    """
+
+    family: str
+    template: Optional[str]
+    question_style: str
+    pad_to_square: bool
+    max_new_tokens: Optional[int]
+    source: str
+
+
+_VICUNA_V1 = VICUNA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"
+RECIPES: Dict[str, Recipe] = {
+    "llava-hf": Recipe(
+        "llava-hf", _VICUNA_V1, "short_answer", True, 128,
+        "LLaVA llava/eval/model_vqa_loader.py, --conv-mode vicuna_v1, --temperature 0 (scripts/v1_5/eval/mme.sh)",
+    ),
+    "llava": Recipe(
+        "llava", _VICUNA_V1, "short_answer", True, 128,
+        "as llava-hf, with the original repository's loader and tokenizer_image_token",
+    ),
+    "qwen-vl": Recipe(
+        "qwen-vl",
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<img>{image}</img>\n{question}<|im_end|>\n<|im_start|>assistant\n",
+        "as_is", False, None,
+        "Qwen-VL eval_mm/mme/eval.py: model.chat(query='<img>{path}</img>\\n{question}'), ChatML make_context",
+    ),
+    "glm-4v": Recipe(
+        "glm-4v", None, "as_is", False, None,
+        "GLM-4V-9b README: tokenizer.apply_chat_template([{'role': 'user', 'image': image, 'content': question}])",
+    ),
+}
+
+
+def rewrite_question(question: str, style: str) -> str:
+    """The question as the recipe asks it (``short_answer``: LLaVA-1.5's MME/POPE rewrite)."""
+    if style == "short_answer":
+        return _YES_NO_SUFFIX.sub("", question.strip()) + SHORT_ANSWER
+    if style == "as_is":
+        return question
+    raise ValueError(f"unknown question_style {style!r}; use 'short_answer' or 'as_is'")
+
+
+def expand_to_square(image, background: Tuple[int, int, int]):
+    """Pad a PIL image to a square, centred, with ``background`` (LLaVA-1.5's ``expand2square``)."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def detect_family(path: str) -> str:
+    """The recipe family of a checkpoint folder, from its ``config.json``."""
+    config_file = Path(path) / "config.json"
+    if not Path(path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        from huggingface_hub import hf_hub_download  # a hub name: its config from the cache or the hub
+
+        config_file = Path(hf_hub_download(path, "config.json"))
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {path}: --model must be a checkpoint folder (save_pretrained layout)")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    model_type = str(config.get("model_type", "")).lower()
+    architectures = " ".join(config.get("architectures") or [])
+    if model_type == "llava" or "LlavaForConditionalGeneration" in architectures:
+        return "llava-hf"
+    if model_type.startswith("llava") or "LlavaLlamaForCausalLM" in architectures:
+        return "llava"
+    if model_type == "qwen" or "QWenLMHeadModel" in architectures:
+        return "qwen-vl"
+    if model_type == "chatglm" or "ChatGLMForConditionalGeneration" in architectures:
+        return "glm-4v"
+    raise ValueError(
+        f"cannot tell the model family of {path} (model_type={model_type!r}, architectures={architectures!r}); "
+        f"pass --family, one of {sorted(RECIPES)}"
+    )
+
+
+class Backend:
+    """A loaded model with its recipe: ``generate(questions)`` returns one answer dict per question.
+
+    Each answer has ``text`` (decoded, stripped, as LLaVA's evaluation writes it), ``prompt`` (the
+    rewritten question) and ``new_tokens`` (tokens generated for that sample up to and including EOS).
+    """
+
+    family = ""
+
+    def __init__(self, model, recipe: Recipe, name: str):
+        self.model = model
+        self.recipe = recipe
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt(self, q: Question) -> str:
+        return rewrite_question(q.question, self.recipe.question_style)
+
+    def generate(self, questions: Sequence[Question], max_new_tokens: Optional[int]) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+    def _decode(self, tokenizer, output: torch.Tensor, prompt_len: int, eos_ids: Sequence[int]) -> List[Tuple[str, int]]:
+        new = output[:, prompt_len:]
+        results = []
+        for row in new.tolist():
+            n = len(row)
+            for i, tok in enumerate(row):
+                if tok in eos_ids:
+                    n = i + 1
+                    break
+            text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            results.append((text, n))
+        return results
+
+
+def _eos_ids(model, tokenizer) -> List[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+class LlavaHFBackend(Backend):
+    """llava-hf checkpoints: ``LlavaForConditionalGeneration`` + ``AutoProcessor``, left-padded batches."""
+
+    family = "llava-hf"
+
+    def __init__(self, model, processor, recipe: Recipe, name: str):
+        super().__init__(model, recipe, name)
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"
+        mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        self.background = tuple(int(x * 255) for x in mean)
+
+    def generate(self, questions, max_new_tokens):
+        images = [q.load_image() for q in questions]
+        if self.recipe.pad_to_square:
+            images = [expand_to_square(img, self.background) for img in images]
+        texts = [self.recipe.template.format(question=self.prompt(q)) for q in questions]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        tokenizer = self.processor.tokenizer
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens or self.recipe.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        decoded = self._decode(tokenizer, output, inputs["input_ids"].shape[1], _eos_ids(self.model, tokenizer))
+        return [{"text": t, "new_tokens": n} for t, n in decoded]
+
+
+class OriginalLlavaBackend(Backend):
+    """Checkpoints of the original LLaVA repository (``llava`` package), one question at a time, as
+    its ``model_vqa_loader`` runs them."""
+
+    family = "llava"
+
+    def __init__(self, model, tokenizer, image_processor, recipe: Recipe, name: str):
+        super().__init__(model, recipe, name)
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def generate(self, questions, max_new_tokens):
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import process_images, tokenizer_image_token
+
+        answers = []
+        for q in questions:
+            image = q.load_image()
+            prompt = self.recipe.template.format(question=self.prompt(q))
+            ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+            pixels = process_images([image], self.image_processor, self.model.config).to(self.device, self.model.dtype)
+            with torch.inference_mode():
+                output = self.model.generate(
+                    ids.to(self.device), images=pixels, image_sizes=[image.size], do_sample=False, num_beams=1,
+                    max_new_tokens=max_new_tokens or self.recipe.max_new_tokens, use_cache=True,
+                )
+            # the original generate returns only the new tokens
+            (text, n), = self._decode(self.tokenizer, output, 0, _eos_ids(self.model, self.tokenizer))
+            answers.append({"text": text, "new_tokens": n})
+        return answers
+
+
+class QwenVLBackend(Backend):
+    """Qwen-VL-Chat (``trust_remote_code``): ChatML prompt with ``<img>path</img>``, left-padded batches."""
+
+    family = "qwen-vl"
+
+    def __init__(self, model, tokenizer, recipe: Recipe, name: str, image_dir: Path):
+        super().__init__(model, recipe, name)
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token_id = getattr(tokenizer, "eod_id", None)
+        self.image_dir = Path(image_dir)
+
+    def _image_path(self, q: Question) -> str:
+        if not callable(q.image):
+            return str(Path(q.image).resolve())
+        path = self.image_dir / (re.sub(r"[^\w.-]", "_", q.image_id) + ".png")
+        if not path.exists():
+            self.image_dir.mkdir(parents=True, exist_ok=True)
+            q.load_image().save(path)
+        return str(path.resolve())
+
+    def generate(self, questions, max_new_tokens):
+        texts = [self.recipe.template.format(image=self._image_path(q), question=self.prompt(q)) for q in questions]
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        stop = [self.tokenizer.im_end_id, self.tokenizer.im_start_id, self.tokenizer.eod_id]
+        kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens or self.recipe.max_new_tokens else {}
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs, do_sample=False, num_beams=1, eos_token_id=stop, pad_token_id=self.tokenizer.pad_token_id,
+                **kwargs,
+            )
+        decoded = self._decode(self.tokenizer, output, inputs["input_ids"].shape[1], stop)
+        return [{"text": t, "new_tokens": n} for t, n in decoded]
+
+
+class GLM4VBackend(Backend):
+    """GLM-4V-9b (``trust_remote_code``): the tokenizer's chat template with the image, left-padded."""
+
+    family = "glm-4v"
+
+    def __init__(self, model, tokenizer, recipe: Recipe, name: str):
+        super().__init__(model, recipe, name)
+        self.tokenizer = tokenizer
+
+    def generate(self, questions, max_new_tokens):
+        encoded = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "image": q.load_image(), "content": self.prompt(q)}],
+                add_generation_prompt=True, tokenize=True, return_tensors="pt", return_dict=True,
+            )
+            for q in questions
+        ]
+        width = max(e["input_ids"].shape[1] for e in encoded)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = e["input_ids"].shape[1]
+            ids[i, width - n:] = e["input_ids"][0]
+            mask[i, width - n:] = 1
+        images = torch.cat([e["images"] for e in encoded]).to(self.device, self.model.dtype)
+        kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), images=images,
+                do_sample=False, num_beams=1, **kwargs,
+            )
+        decoded = self._decode(self.tokenizer, output, width, _eos_ids(self.model, self.tokenizer))
+        return [{"text": t, "new_tokens": n} for t, n in decoded]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: Optional[str], device: str) -> torch.dtype:
+    if name is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    valid = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in valid:
+        raise ValueError(f"--dtype must be one of {sorted(valid)}; got {name!r}")
+    return valid[name]
+
+
+def load_backend(
+    path: str, family: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+    work_dir: Optional[Path] = None,
+) -> Backend:
+    """Load a checkpoint folder with its family's loader and recipe (family auto-detected if ``None``)."""
+    family = family or detect_family(path)
+    if family not in RECIPES:
+        raise ValueError(f"unknown family {family!r}; choose one of {sorted(RECIPES)}")
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    recipe = RECIPES[family]
+    name = Path(path).name
+    if family == "llava-hf":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=torch_dtype).to(device).eval()
+        return LlavaHFBackend(model, AutoProcessor.from_pretrained(path), recipe, name)
+    if family == "llava":
+        try:
+            from llava.mm_utils import get_model_name_from_path
+            from llava.model.builder import load_pretrained_model
+        except ImportError:
+            raise ImportError(
+                f"{path} is a checkpoint of the original LLaVA repository, which needs its `llava` package: "
+                "pip install git+https://github.com/haotian-liu/LLaVA (or use a llava-hf checkpoint, e.g. "
+                "llava-hf/llava-1.5-7b-hf)"
+            ) from None
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            path, None, get_model_name_from_path(path), device=device, torch_dtype=torch_dtype
+        )
+        return OriginalLlavaBackend(model.eval(), tokenizer, image_processor, recipe, name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, torch_dtype=torch_dtype).to(device).eval()
+    if family == "qwen-vl":
+        return QwenVLBackend(model, tokenizer, recipe, name, Path(work_dir or ".") / "qwen_images")
+    return GLM4VBackend(model, tokenizer, recipe, name)
