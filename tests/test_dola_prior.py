@@ -1,5 +1,6 @@
 """Ranking, mask IoU and layer-prior estimation (DESIGN §4d): hand-computed examples and error cases."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_prior_cli_writes_loadable_json(tmp_path, capsys):
 def test_prior_cli_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": 7, "candidates": [{"layer": 1, "iou": 0}]}]))
-    env = {"PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "hallupatch.prior", str(bad), "-o", str(tmp_path / "p.json")],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert run.returncode == 1 and "id 7" in run.stderr and "IoU 0" in run.stderr
