@@ -223,3 +223,37 @@ def test_limit_and_partial_outside_answers(checkpoint, data, tmp_path, capsys):
     bad.write_text(json.dumps({"question_id": "base/9/yes", "text": "Yes"}) + "\n")
     assert cli.main(["phd", "--answers", str(bad), "--data", str(data["phd"]), "--output", str(tmp_path / "b")]) == 2
     assert "base/9/yes" in capsys.readouterr().err
+
+
+def test_layer_contrast_knobs_reach_apply_and_the_run_settings(checkpoint, data, tmp_path, monkeypatch):
+    import hallupatch
+    from hallupatch.engine import get_patch
+    from hallupatch.eval import models
+
+    seen = []
+    real_apply = hallupatch.apply
+
+    def spy(model, method, **knobs):
+        seen.append((method, knobs))
+        return real_apply(model, method, **knobs)
+
+    monkeypatch.setattr(hallupatch, "apply", spy)
+    backend = models.load_backend(checkpoint, device="cpu")
+    out = tmp_path / "dola"
+    cli.run(["phd", "--data", str(data["phd"]), "--output", str(out), "--limit", "4", "--max-new-tokens", "2",
+             "--no-progress", "--method", "dola", "--candidate-layers", "0,2", "--layer-prior", "0.2,0.8",
+             "--layer-seed", "3"], backend=backend)
+    knobs = {"candidate_layers": [0, 2], "layer_prior": [0.2, 0.8], "seed": 3}
+    assert seen == [("dola", knobs)]
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["method"] == "dola" and settings["knobs"] == knobs
+    assert len(read_jsonl(out / "answers.jsonl")) == 4
+    assert get_patch(backend.model) is None
+
+
+def test_bad_layer_contrast_knobs_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["mme", "--method", "dola", "--candidate-layers", "middle"])
+    with pytest.raises(ValueError, match="layer_prior has 3 weights but there are 1 candidate layers"):
+        cli.run(["mme", "--output", str(tmp_path), "--method", "dola", "--candidate-layers", "2",
+                 "--layer-prior", "0.1,0.2,0.7", "--no-progress"])

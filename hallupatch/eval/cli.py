@@ -21,7 +21,32 @@ KNOBS = {  # CLI flag -> (config field, type, help)
     "--starting-layer": ("starting_layer", int, "MemVR: first 0-based layer bound (exclusive)"),
     "--ending-layer": ("ending_layer", int, "MemVR: last 0-based layer bound (exclusive)"),
     "--adapter-activation": ("adapter_activation", str, "MemVR adapter activation (default: the family's)"),
+    "--candidate-layers": ("candidate_layers", lambda text: _layers_or_name(text),
+                           "layer contrast: low, high or hidden-state indices such as 16,18,20 (default: high)"),
+    "--layer-prior": ("layer_prior", lambda text: _prior(text),
+                      "layer contrast: a prior JSON (python -m hallupatch.prior) or one weight per candidate, e.g. 0.2,0.8"),
+    "--layer-seed": ("seed", int, "layer contrast with a prior: seed of the per-sample layer draws"),
 }
+
+
+def _layers_or_name(text: str):
+    """``low`` / ``high`` as given, else a comma-separated list of hidden-state indices."""
+    if text in ("low", "high"):
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected low, high or comma-separated layer indices; got {text!r}") from None
+
+
+def _prior(text: str):
+    """A JSON path as given, else a comma-separated list of weights."""
+    if Path(text).suffix == ".json" or Path(text).exists():
+        return text
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a prior JSON path or comma-separated weights; got {text!r}") from None
 
 DESCRIPTION = """\
 Evaluate a multimodal model on a hallucination benchmark, scored as the official tools score it.
@@ -58,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "POPE: folder with coco_pope_<split>.json files. Default (MME only): the built-in sample")
     p.add_argument("--image-folder", help="POPE: the COCO val2014 images (default: DATA/images or DATA/val2014)")
     p.add_argument("--splits", nargs="+", choices=["random", "popular", "adversarial"], help="POPE splits (default: all found)")
-    p.add_argument("--method", default="none", help="none, memvr (or any hallupatch method: dola, memvr+dola)")
+    p.add_argument("--method", default="none", help="none, memvr, dola (layer contrast) or memvr+dola")
     for flag, (_, typ, text) in KNOBS.items():
         p.add_argument(flag, type=typ, help=text)
     p.add_argument("--output", help="results folder (default: ./hallupatch_output/<benchmark>-<model>-<method>)")

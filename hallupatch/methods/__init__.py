@@ -36,9 +36,4 @@ def parse_method(method: str) -> List[Method]:
 
 
 def _load_builtin_methods() -> None:
-    from hallupatch.methods import memvr  # noqa: F401
-
-    try:
-        from hallupatch.methods import dola  # noqa: F401
-    except ImportError:  # layer contrast lands separately
-        pass
+    from hallupatch.methods import dola, memvr  # noqa: F401
