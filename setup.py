@@ -24,6 +24,7 @@ setup(
         "datasets",
         "evaluate",
         "tqdm",
+        "Pillow",  # images: transformers' image processors and the benchmarks' image files need it
         "lemminflect",  # CHAIR's singulariser: ships its data, works offline (NLTK's data cannot be pip-installed)
         "pycocoevalcap",  # official COCO caption metrics (BLEU/METEOR/ROUGE-L/CIDEr); needs a Java runtime
     ],
