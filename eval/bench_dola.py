@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hallupatch  # noqa: E402
-from bench_memvr import SHAPES, build_model, timed  # noqa: E402
+from bench_memvr import SHAPES, build_llava, timed  # noqa: E402
 from hallupatch.engine import get_patch  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def compare(model, inputs, new_tokens: int, knobs: dict, repeats: int, device: s
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Layer contrast vs vanilla latency, side by side.")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    parser.add_argument("--shape", choices=[*SHAPES, "llava-1.5-7b"], default="cpu")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: fp16 on cuda, fp32 on cpu)")
     parser.add_argument("--repeats", type=int, default=6)
@@ -69,7 +69,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device == "cuda" else torch.float32)
 
-    model, inputs = build_model(args.shape, args.device, dtype)
+    shape = "published" if args.shape == "llava-1.5-7b" else args.shape
+    model, inputs = build_llava(shape, args.device, dtype)
     specs = [args.candidate_layers] if args.candidate_layers is not None else ["high", "low"]
     print(f"shape={args.shape} device={args.device} dtype={dtype} layers={len(model.language_model.model.layers)} "
           f"vocab={model.config.text_config.vocab_size} threads={torch.get_num_threads()} repeats={args.repeats} "

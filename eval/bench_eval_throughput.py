@@ -42,7 +42,7 @@ def questions_per_second(backend, questions, batch_size: int, max_new_tokens: in
     return len(questions) / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs=2, default=[1, 8])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)

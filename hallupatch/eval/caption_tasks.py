@@ -15,7 +15,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from .chair import ChairWords, coco_ground_truth, find_coco_annotations, sample_image_ids, score_captions
 from .phd import PHD_MODES, load_phd, score_phd
 from .regcap import RegionSample, load_refcocog, load_region_samples, region_prompt, score_region_captions
-from .tasks import DataError, Question
+from .tasks import DataError, Question, json_lines
 
 PathLike = Union[str, Path]
 
@@ -90,15 +90,21 @@ def load_chair(data: PathLike, num_images: Optional[int] = CHAIR_NUM_IMAGES, see
     return ChairData(questions, gt, list(image_ids))
 
 
+def answer_records(path: Path) -> List[dict]:
+    """The records of an answers file: a JSON list, or JSON lines (bad lines named with their number)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"answers file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [row for _, row in json_lines(path)]
+
+
 def read_chair_answers(path: PathLike) -> List[Tuple[int, str]]:
     """``(image_id, caption)`` pairs from a JSON list or JSONL file of ``{"image_id", "caption"}``
     records (OPERA / MemVR output; ``text`` is accepted for ``caption``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"answers file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    rows = json.loads(text) if text.lstrip().startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = answer_records(path)
     pairs = []
     for i, row in enumerate(rows, 1):
         caption = row.get("caption", row.get("text"))
@@ -169,11 +175,7 @@ def load_regcap(data: PathLike, family: Optional[str], image_folder: Optional[Pa
 def read_id_text_answers(path: PathLike, id_key: str = "question_id", text_keys=("text", "caption")) -> Dict[str, str]:
     """``{id: text}`` from a JSONL (or JSON list) of answer records (LLaVA's ``question_id`` + ``text``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"answers file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    rows = json.loads(text) if text.lstrip().startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = answer_records(path)
     out = {}
     for i, row in enumerate(rows, 1):
         value = next((row[k] for k in text_keys if k in row), None)

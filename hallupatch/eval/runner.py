@@ -23,7 +23,7 @@ from hallupatch.eval.store import (
     read_answers,
     write_json,
 )
-from hallupatch.eval.tasks import DataError, Question
+from hallupatch.eval.tasks import DataError, Question, json_lines
 
 
 # --------------------------------------------------------------------------- processes
@@ -285,33 +285,25 @@ def load_external_answers(path: Path, questions: Sequence[Question]) -> Dict[str
         if "#" not in q.qid:
             by_plain[q.qid.split("/", 1)[-1]].append(q)  # POPE: "<split>/<id>" -> "<id>"
     texts: Dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or "question_id" not in row or "text" not in row:
-                raise DataError(f"{where}: an answer line needs 'question_id' and 'text'")
-            qid, text = str(row["question_id"]), str(row["text"])
-            if qid in by_qid:
-                target = by_qid[qid]
-            elif qid in by_plain and len(by_plain[qid]) == 1:
-                target = by_plain[qid][0]
-            elif qid in by_plain:
-                raise DataError(
-                    f"{where}: question id {qid!r} exists in several splits ({sorted({q.group for q in by_plain[qid]})}); "
-                    "score one split at a time with --splits"
-                )
-            else:
-                candidates = [q for q in by_image.get(_image_key(qid), []) if q.qid not in texts]
-                if "prompt" in row:
-                    candidates = [q for q in candidates if _norm_prompt(q.question) == _norm_prompt(str(row["prompt"]))]
-                if not candidates:
-                    raise DataError(f"{where}: question {qid!r} matches no unanswered question of the loaded data")
-                target = candidates[0]
-            texts.setdefault(target.qid, text)
+    for where, row in json_lines(path):
+        if "question_id" not in row or "text" not in row:
+            raise DataError(f"{where}: an answer line needs 'question_id' and 'text'")
+        qid, text = str(row["question_id"]), str(row["text"])
+        if qid in by_qid:
+            target = by_qid[qid]
+        elif qid in by_plain and len(by_plain[qid]) == 1:
+            target = by_plain[qid][0]
+        elif qid in by_plain:
+            raise DataError(
+                f"{where}: question id {qid!r} exists in several splits ({sorted({q.group for q in by_plain[qid]})}); "
+                "score one split at a time with --splits"
+            )
+        else:
+            candidates = [q for q in by_image.get(_image_key(qid), []) if q.qid not in texts]
+            if "prompt" in row:
+                candidates = [q for q in candidates if _norm_prompt(q.question) == _norm_prompt(str(row["prompt"]))]
+            if not candidates:
+                raise DataError(f"{where}: question {qid!r} matches no unanswered question of the loaded data")
+            target = candidates[0]
+        texts.setdefault(target.qid, text)
     return texts

@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from hallupatch.eval.scoring import MME_SUBTASKS, POPE_SPLITS
 
@@ -57,6 +57,25 @@ class Question:
             except OSError as err:
                 raise DataError(f"cannot read image {self.image} (question {self.source}): {err}") from err
         return img.convert("RGB")
+
+
+def json_lines(path: Union[str, Path]) -> Iterator[Tuple[str, dict]]:
+    """``(where, record)`` for every non-blank line of a JSON-lines file, ``where`` = ``path:line``.
+
+    A line that is not a JSON object is a :class:`DataError` naming the path and line number.
+    """
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg}): {line.strip()[:120]!r}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object; got {line.strip()[:120]!r}")
+            yield where, row
 
 
 def _yes_no(value: str, where: str, line: str) -> str:
@@ -285,30 +304,22 @@ def load_pope(
         raise DataError(f"POPE image folder not found: {image_folder}")
     questions = []
     for split, file in files.items():
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg}): {line.strip()[:120]!r}") from None
-                if not isinstance(row, dict) or any(k not in row for k in POPE_KEYS):
-                    raise DataError(f"{where}: a POPE question needs keys {list(POPE_KEYS)}; got {line.strip()[:120]!r}")
-                image = image_folder / str(row["image"])
-                if not image.is_file():
-                    raise DataError(f"{where}: image not found: {image}")
-                questions.append(
-                    Question(
-                        qid=f"{split}/{row['question_id']}",
-                        group=split,
-                        image_id=str(row["image"]),
-                        image_name=str(row["image"]),
-                        question=str(row["text"]),
-                        answer=_yes_no(row["label"], where, line.strip()[:120]).lower(),
-                        image=str(image),
-                        source=where,
-                    )
+        for where, row in json_lines(file):
+            if any(k not in row for k in POPE_KEYS):
+                raise DataError(f"{where}: a POPE question needs keys {list(POPE_KEYS)}; got {json.dumps(row)[:120]!r}")
+            image = image_folder / str(row["image"])
+            if not image.is_file():
+                raise DataError(f"{where}: image not found: {image}")
+            questions.append(
+                Question(
+                    qid=f"{split}/{row['question_id']}",
+                    group=split,
+                    image_id=str(row["image"]),
+                    image_name=str(row["image"]),
+                    question=str(row["text"]),
+                    answer=_yes_no(row["label"], where, json.dumps(row)[:120]).lower(),
+                    image=str(image),
+                    source=where,
                 )
+            )
     return questions
