@@ -257,3 +257,52 @@ def test_bad_layer_contrast_knobs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="layer_prior has 3 weights but there are 1 candidate layers"):
         cli.run(["mme", "--output", str(tmp_path), "--method", "dola", "--candidate-layers", "2",
                  "--layer-prior", "0.1,0.2,0.7", "--no-progress"])
+
+
+@pytest.mark.skipif(not regcap.java_available(), reason="no Java runtime: pycocoevalcap needs one "
+                                                         "(.ci/run installs default-jre-headless)")
+def test_regcap_ranks_one_candidate_per_layer_with_a_scorer(checkpoint, data, tmp_path):
+    import hallupatch
+    from hallupatch.eval import models
+
+    scorer_file = tmp_path / "scorer.py"
+    scorer_file.write_text(
+        "def distinct_words(sample, caption):\n"
+        "    assert sample['image_path'].endswith(sample['image'])\n"
+        "    return len(set(caption.split())) / 100, 0.5\n"
+    )
+    backend = models.load_backend(checkpoint, device="cpu")
+    common = ["regcap", "--data", str(data["regcap"]), "--max-new-tokens", "6", "--batch-size", "2",
+              "--no-progress", "--method", "dola"]
+    out = tmp_path / "ranked"
+    cli.run([*common, "--output", str(out), "--candidate-layers", "0,2", "--rank-with",
+             f"{scorer_file}:distinct_words"], backend=backend)
+    answers = read_jsonl(out / "answers.jsonl")
+    # each layer's candidates equal a plain run contrasting against that layer alone
+    singles = {}
+    for layer in (0, 2):
+        cli.run([*common, "--output", str(tmp_path / f"l{layer}"), "--candidate-layers", str(layer)], backend=backend)
+        singles[layer] = {a["question_id"]: a["text"] for a in read_jsonl(tmp_path / f"l{layer}" / "answers.jsonl")}
+    for a in answers:
+        texts = [c["text"] for c in a["candidates"]]
+        assert [c["layer"] for c in a["candidates"]] == [0, 2]
+        assert texts == [singles[0][a["question_id"]], singles[2][a["question_id"]]]
+        scores = [len(set(t.split())) / 100 for t in texts]
+        best = max(range(2), key=lambda i: (scores[i], -i))
+        assert a["text"] == texts[best] and a["layer"] == [0, 2][best]
+        assert [c["iou"] for c in a["candidates"]] == pytest.approx(scores)
+    scored = json.loads((out / "scored_candidates.json").read_text())
+    assert [s["id"] for s in scored] == [a["question_id"] for a in answers]
+    best_layers = [a["layer"] for a in answers]
+    prior = hallupatch.estimate_layer_prior(scored)
+    assert set(prior) == {0, 2} and sum(prior.values()) == pytest.approx(1.0)
+    if len(set(best_layers)) == 1:
+        assert prior[best_layers[0]] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="use it with regcap"):
+        cli.run(["phd", "--data", str(data["phd"]), "--output", str(tmp_path / "p"), "--method", "dola",
+                 "--candidate-layers", "0,2", "--rank-with", f"{scorer_file}:distinct_words", "--limit", "2"],
+                backend=backend)
+    with pytest.raises(ValueError, match="needs layer contrast"):
+        cli.run(["regcap", "--data", str(data["regcap"]), "--output", str(tmp_path / "m"), "--method", "memvr",
+                 "--starting-layer", "0", "--ending-layer", "3", "--rank-with", f"{scorer_file}:distinct_words"],
+                backend=backend)

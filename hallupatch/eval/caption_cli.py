@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from . import caption_tasks as ct
 from .phd import PHD_MODES
+from .ranking import RankingBackend, load_scorer, scored_candidates
 from .store import check_settings, merge_answers, prepare_output, write_json
 from .tasks import DataError, Question
 
@@ -46,6 +47,10 @@ def add_arguments(parser) -> None:
     g.add_argument("--annotations", help="CHAIR: COCO annotations folder (default DATA/annotations)")
     g.add_argument("--refcocog-split", default="val", help="regcap with the RefCOCOg folder: split (default val)")
     g.add_argument("--modes", nargs="+", choices=PHD_MODES, help="PhD modes (default: all four)")
+    g.add_argument("--rank-with", metavar="MODULE:FUNCTION",
+                   help="regcap with --method dola: caption once per candidate layer and keep the caption this "
+                   "scorer ranks best (scorer(sample, caption) -> score or (score, confidence); sample: the region "
+                   "record with its image path); writes scored_candidates.json for python -m hallupatch.prior")
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Task:
     table: Callable[[Mapping[str, Any]], str]
     settings: Dict[str, Any]
     image_ids: Optional[List[int]] = None  # CHAIR: the sample, saved so later runs caption the same images
+    scorer_sample: Optional[Callable[[Question], Any]] = None  # what --rank-with's scorer gets per question
 
 
 def _chair_ids(out: Path, args) -> Optional[List[int]]:
@@ -98,7 +104,12 @@ def prepare(args, family: Optional[str], out: Path, external: Optional[Path] = N
             asked = {q.qid for q in questions}
             return ct.score_regcap([s for s in data.samples if s.sample_id in asked], texts)
 
-        return Task(data.questions, score_regions, ct.regcap_table, {"refcocog_split": args.refcocog_split})
+        by_id = {s.sample_id: s for s in data.samples}
+        def scorer_sample(q):
+            return {**dataclasses.asdict(by_id[q.qid]), "image_path": q.image}
+
+        return Task(data.questions, score_regions, ct.regcap_table,
+                    {"refcocog_split": args.refcocog_split, "rank_with": args.rank_with}, scorer_sample=scorer_sample)
     if args.benchmark == "phd":
         modes = args.modes or list(PHD_MODES)
         questions, meta = ct.load_phd_questions(args.data, modes, need_images=need_images)
@@ -225,9 +236,14 @@ def _answer_and_score(args, backend, task: Task, proc, knobs, model_setting: str
     if not proc.is_main:
         check_settings(out, settings)
 
+    answering = backend
+    if args.rank_with:
+        if task.scorer_sample is None:
+            raise ValueError(f"--rank-with ranks region captions: use it with regcap, not {args.benchmark}")
+        answering = RankingBackend(backend, load_scorer(args.rank_with), task.scorer_sample)
     start = time.perf_counter()
     produced = runner.answer_questions(
-        backend, task.questions, out, batch_size=args.batch_size or 1, max_new_tokens=max_new_tokens, proc=proc,
+        answering, task.questions, out, batch_size=args.batch_size or 1, max_new_tokens=max_new_tokens, proc=proc,
         trace="memvr" in args.method.split("+"), progress=not args.no_progress,
     )
     elapsed = time.perf_counter() - start
@@ -240,6 +256,8 @@ def _answer_and_score(args, backend, task: Task, proc, knobs, model_setting: str
         raise runner.StoreError(f"{len(missing)} question(s) have no answer in {out} (e.g. {missing[:3]}); "
                                 "rerun the same command to answer them")
     scores = _write_results(args, task, {qid: r["text"] for qid, r in merged.items()}, out, settings)
+    if args.rank_with:
+        write_json(out / "scored_candidates.json", scored_candidates(merged))
     _report(args, task, scores, out, (produced, elapsed, proc.world))
     return scores
 

@@ -105,8 +105,9 @@ def answer_record(q: Question, generated: Mapping[str, Any], trace: Optional[Dic
         "text": generated["text"],
         "answer": q.answer,
     }
-    if "new_tokens" in generated:
-        record["new_tokens"] = generated["new_tokens"]
+    for key in ("new_tokens", "layer", "candidates"):  # candidates: cycle-consistency ranking (eval/ranking.py)
+        if key in generated:
+            record[key] = generated[key]
     if trace is not None:
         record["memvr"] = trace
     return record

@@ -145,6 +145,10 @@ class MemVR:
         self.undecided: List[int] = []        # samples still checked in this pass
         self.retrace_in: Dict[int, List[int]] = {}  # layer -> samples retraced in it this pass
         self.current: Optional[PassTrace] = None
+        # constant over passes, so computed once: mean|W_in|, mean|W_out| per layer (the weights do not
+        # change while decoding) and the scaled key/value memories per (sample, layer) of a generation
+        self._weight_means: Dict[int, tuple] = {}
+        self._scaled_memory: Dict[tuple, tuple] = {}
 
         patch.on_pass_start(self.start_pass)
         for layer in config.checked_layers:
@@ -155,6 +159,7 @@ class MemVR:
         memory = self.patch.state.visual_memory
         if info.is_prefill:
             self.trace = MemVRTrace()
+            self._scaled_memory = {}
         self.current = PassTrace(is_prefill=info.is_prefill, trigger_layer=[None] * info.batch_size)
         self.trace.passes.append(self.current)
         self.undecided = [b for b in range(info.batch_size) if memory is not None and memory[b] is not None]
@@ -192,23 +197,35 @@ class MemVR:
                 return None
             x = args[0]
             real = self.patch.state.info.real_positions
-            w_in, w_out = self.parts.ffn_weights(layer)
             mixed = output.clone()
             for b in rows:
+                keys, values = self.scaled_memory(b, layer, x)
                 keep = real[b] if real is not None else slice(None)
-                mixed[b] = self.retrace(x[b], output[b], self.patch.state.visual_memory[b], w_in, w_out, keep)
+                mixed[b] = self.retrace(x[b], output[b], keys, values, keep)
             return mixed
 
         return hook
 
-    def retrace(self, x, ffn_out, memory, w_in, w_out, keep) -> torch.Tensor:
-        """``(1-α)·F(x) + α·(mean|F| / mean|A|)·A(x)`` for one sample, ``A(x) = φ(x (s_k Z)ᵀ)(s_v Z)``."""
-        memory = memory.to(device=x.device, dtype=x.dtype)
-        wide = torch.promote_types(x.dtype, torch.float32)  # means in at least float32
-        memory_scale = memory.abs().to(wide).mean()
-        key_scale = (w_in.abs().to(wide).mean() / memory_scale).to(x.dtype)
-        value_scale = (w_out.abs().to(wide).mean() / memory_scale).to(x.dtype)
-        adapter = self.activation(x @ (key_scale * memory).T) @ (value_scale * memory)
+    def scaled_memory(self, sample: int, layer: int, x: torch.Tensor) -> tuple:
+        """``(s_k Z, s_v Z)`` of one sample for one layer: ``s = mean|W| / mean|Z|``, means in at least float32."""
+        cached = self._scaled_memory.get((sample, layer))
+        if cached is not None:
+            return cached
+        wide = torch.promote_types(x.dtype, torch.float32)
+        if layer not in self._weight_means:
+            # Python floats (double): valid whatever device or dtype the model moves to afterwards
+            self._weight_means[layer] = tuple(w.abs().double().mean().item() for w in self.parts.ffn_weights(layer))
+        in_mean, out_mean = self._weight_means[layer]
+        memory = self.patch.state.visual_memory[sample].to(device=x.device, dtype=x.dtype)
+        memory_mean = memory.abs().to(wide).mean()
+        scaled = tuple((mean / memory_mean).to(x.dtype) * memory for mean in (in_mean, out_mean))
+        self._scaled_memory[(sample, layer)] = scaled
+        return scaled
+
+    def retrace(self, x, ffn_out, keys, values, keep) -> torch.Tensor:
+        """``(1-α)·F(x) + α·(mean|F| / mean|A|)·A(x)`` for one sample, ``A(x) = φ(x keysᵀ) values``."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        adapter = self.activation(x @ keys.T) @ values
         ratio = self.config.retracing_ratio
         balance = ffn_out[keep].abs().to(wide).mean() / adapter[keep].abs().to(wide).mean()
         return (1 - ratio) * ffn_out + (ratio * balance).to(x.dtype) * adapter
