@@ -92,18 +92,21 @@ def timed(fn, device: str) -> float:
 
 
 def compare(model, inputs, new_tokens: int, threshold: float, repeats: int, device: str):
-    """Median seconds of vanilla and MemVR generate, runs alternating so drift hits both alike."""
+    """Median seconds of vanilla and MemVR generate, runs interleaved (order flipping) so drift hits both alike."""
     def run():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
     vanilla, memvr = [], []
     run()  # warm-up
-    for _ in range(repeats):
-        hallupatch.remove(model)
-        vanilla.append(timed(run, device))
-        hallupatch.apply(model, "memvr", entropy_threshold=threshold)  # the family's published window
-        memvr.append(timed(run, device))
-    triggers = hallupatch.get_trace(model).trigger_layers()[0]
+    for repeat in range(repeats):
+        for patched in ((False, True) if repeat % 2 == 0 else (True, False)):  # order flips every repeat
+            if patched:
+                hallupatch.apply(model, "memvr", entropy_threshold=threshold)  # the family's published window
+                memvr.append(timed(run, device))
+                triggers = hallupatch.get_trace(model).trigger_layers()[0]
+            else:
+                hallupatch.remove(model)
+                vanilla.append(timed(run, device))
     hallupatch.remove(model)
     return statistics.median(vanilla), statistics.median(memvr), triggers
 
