@@ -207,7 +207,7 @@ class VisionTransformer(nn.Module):
         images = []
         for path in image_paths:
             image = Image.open(path).convert("RGB").resize((self.image_size, self.image_size))
-            pixels = torch.tensor(list(image.getdata()), dtype=torch.float32) / 255.0
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float() / 255.0
             images.append((pixels.view(self.image_size, self.image_size, 3).permute(2, 0, 1) - 0.5) / 0.25)
         return self(torch.stack(images))
 '''
