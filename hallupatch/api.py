@@ -24,7 +24,9 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
             unknown one raises ``TypeError`` listing the valid knobs.
 
     Knobs the user does not give take the model family's published defaults, then the config's own.
-    Applying again replaces the previous configuration.
+    A knob that several of the chosen methods have (``early_exit_norm`` in ``"memvr+dola"``) must be set
+    through config objects. Applying again replaces the previous configuration (a refused one leaves it
+    in place); visual tokens given with :func:`set_visual_memory` are kept.
     """
     methods = parse_method(method)
     parts = resolve(model)
@@ -33,15 +35,29 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
     unknown = sorted(set(knobs) - valid)
     if unknown:
         raise TypeError(f"unknown knob(s) {unknown} for method {method!r}; valid knobs: {sorted(valid)}")
+    owners = {k: [m.name for m in methods if k in {f.name for f in dataclasses.fields(m.config_cls)}] for k in knobs}
+    shared = {k: names for k, names in owners.items() if len(names) > 1}
+    if shared:
+        raise ValueError(
+            f"knob(s) {sorted(shared)} belong to several of the methods {method!r} (their defaults differ); "
+            "set them per method with config objects, e.g. config=[hallupatch.MemVRConfig(early_exit_norm=True), "
+            "hallupatch.DoLaConfig(early_exit_norm=False)]"
+        )
     configs = []
     for m in methods:
         fields = {f.name for f in dataclasses.fields(m.config_cls)}
         base = dataclasses.asdict(given[m.config_cls]) if m.config_cls in given else dict(parts.spec.method_defaults.get(m.name, {}))
         base.update({k: v for k, v in knobs.items() if k in fields})
-        configs.append(m.config_cls(**base))
+        cfg = m.config_cls(**base)
+        if hasattr(cfg, "validate_for"):
+            cfg.validate_for(parts)  # before anything changes: a refused apply keeps the previous patch
+        configs.append(cfg)
 
+    previous = get_patch(model)
     remove(model)
     patch = Patch(model, parts)
+    if previous is not None:  # visual tokens given by the user are data, not configuration: keep them
+        patch.state.explicit_memory = previous.state.explicit_memory
     try:
         for m, cfg in zip(methods, configs):
             patch.configs[m.name] = cfg

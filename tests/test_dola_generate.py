@@ -383,9 +383,9 @@ def test_without_cache_every_pass_is_a_prefill_but_decoding_is_unchanged(llava):
 
 def test_shared_knob_and_separate_configs_for_memvr_plus_dola(llava):
     model, _ = llava
-    hallupatch.apply(model, method="memvr+dola", starting_layer=0, ending_layer=3, early_exit_norm=False)
-    configs = get_patch(model).configs
-    assert configs["memvr"].early_exit_norm is False and configs["dola"].early_exit_norm is False
+    with pytest.raises(ValueError, match=r"\['early_exit_norm'\] belong to several of the methods"):
+        hallupatch.apply(model, method="memvr+dola", starting_layer=0, ending_layer=3, early_exit_norm=False)
+    assert get_patch(model) is None
     hallupatch.apply(model, method="memvr+dola",
                      config=[hallupatch.MemVRConfig(starting_layer=0, ending_layer=3), hallupatch.DoLaConfig(candidate_layers=[1, 3])])
     configs = get_patch(model).configs

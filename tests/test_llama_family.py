@@ -178,3 +178,27 @@ def test_activation_default_and_override(tmp_path):
     assert model._hallupatch.methods["memvr"].activation(torch.tensor([-1.0])).item() == -1.0  # identity for llama
     hallupatch.apply(model, adapter_activation="silu", **WINDOW)
     assert model._hallupatch.methods["memvr"].activation(torch.tensor([-1.0])).item() == pytest.approx(-0.2689, abs=1e-4)
+
+
+def test_refused_apply_keeps_the_previous_patch_and_memory_survives_reapply(tmp_path):
+    model = saved_and_reloaded(LlamaForCausalLM(tiny_llama_config()), LlamaForCausalLM, tmp_path)
+    ids = torch.tensor([[5, 17, 33, 8]])
+    memory = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    hallupatch.apply(model, "memvr", entropy_threshold=0.0, retracing_ratio=0.4, **WINDOW)
+    hallupatch.set_visual_memory(model, memory)
+    expected = model(ids).logits
+    with pytest.raises(ValueError, match="ending_layer must be <= num_layers - 1 = 3"):
+        hallupatch.apply(model, "memvr", starting_layer=0, ending_layer=9)
+    assert torch.equal(model(ids).logits, expected), "a refused apply must leave the previous patch in place"
+    hallupatch.apply(model, "memvr", entropy_threshold=0.0, retracing_ratio=0.4, **WINDOW)
+    assert torch.equal(model(ids).logits, expected), "re-applying keeps the user's visual memory"
+    hallupatch.generate_candidates(model, ids, layers=[0, 2], max_new_tokens=2, do_sample=False)
+    assert torch.equal(model(ids).logits, expected), "generate_candidates restores the patch with its memory"
+
+
+@pytest.mark.parametrize("knobs", [dict(retracing_ratio="0.5"), dict(entropy_threshold=True),
+                                   dict(starting_layer=0.5, ending_layer=3), dict(starting_layer=True, ending_layer=3),
+                                   dict(early_exit_norm="yes", **WINDOW)])
+def test_knobs_of_the_wrong_type_are_refused(knobs):
+    with pytest.raises(ValueError, match="must be"):
+        hallupatch.MemVRConfig(**knobs)

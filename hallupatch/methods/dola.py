@@ -48,7 +48,10 @@ def tied_embeddings(parts: ModelParts) -> bool:
         embedding = None
     head_weight = getattr(parts.lm_head, "weight", None)
     if embedding is not None and head_weight is not None and getattr(embedding, "weight", None) is not None:
-        return embedding.weight is head_weight or embedding.weight.data_ptr() == head_weight.data_ptr()
+        if embedding.weight is head_weight:
+            return True
+        real = not (embedding.weight.is_meta or head_weight.is_meta) and head_weight.data_ptr() != 0
+        return real and embedding.weight.data_ptr() == head_weight.data_ptr()
     config = getattr(parts.model, "config", None)
     text_config = getattr(config, "text_config", None) or config
     return bool(getattr(text_config, "tie_word_embeddings", False))
@@ -193,7 +196,8 @@ class LayerContrast:
         patch.on_pass_start(self._start_pass)
         for layer in sorted(set(self.candidates)):
             patch.hook(self.parts.layers[layer], self._capture(layer), pre=True, with_kwargs=True)
-        patch.hook(self.parts.decoder, self._decoder_finished)
+        # the model's own head call follows the last layer (early-exit heads inside the stack do not)
+        patch.hook(self.parts.layers[-1], self._decoder_finished)
         patch.hook(self.parts.lm_head, self._head_input, pre=True)
         patch.hook(self.parts.lm_head, self._head_output)
         original = patch.model._get_logits_processor
@@ -204,6 +208,7 @@ class LayerContrast:
         self._hidden = {}
         self._decoder_done = False
         self._premature = None
+        self._head_rows = None
 
     def _capture(self, layer: int):
         def hook(module, args, kwargs):

@@ -10,6 +10,7 @@ position of that pass.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -22,6 +23,11 @@ from hallupatch.methods import Method, register_method
 from hallupatch.spec import ModelParts, PassInfo
 
 TOP_K = 10  # the published method reads the entropy of the top-10 logits
+_RANGES = {
+    "retracing_ratio": "0 <= retracing_ratio <= 1",
+    "entropy_threshold": "entropy_threshold >= 0",
+    "layers": "0 <= starting_layer < ending_layer <= num_layers - 1",
+}
 
 
 def adapter_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -58,6 +64,18 @@ class MemVRConfig:
     early_exit_norm: bool = True
 
     def __post_init__(self):
+        for name in ("retracing_ratio", "entropy_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number ({_RANGES[name]}); got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("starting_layer", "ending_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer layer index ({_RANGES['layers']}); got {value!r}")
+            setattr(self, name, int(value))
+        if not isinstance(self.early_exit_norm, bool):
+            raise ValueError(f"early_exit_norm must be True or False; got {self.early_exit_norm!r}")
         if not 0.0 <= float(self.retracing_ratio) <= 1.0:
             raise ValueError(f"retracing_ratio must be in [0, 1]; got {self.retracing_ratio}")
         if not float(self.entropy_threshold) >= 0.0:
@@ -153,7 +171,7 @@ class MemVR:
         patch.on_pass_start(self.start_pass)
         for layer in config.checked_layers:
             patch.hook(self.parts.layers[layer], self._entropy_hook(layer))
-            patch.hook(self.parts.ffn(layer + 1), self._retrace_hook(layer + 1))
+            patch.hook(self.parts.ffn(layer + 1), self._retrace_hook(layer + 1), with_kwargs=True)
 
     def start_pass(self, info: PassInfo) -> None:
         memory = self.patch.state.visual_memory
@@ -174,7 +192,7 @@ class MemVR:
             if self._last_positions is None:
                 self._last_positions = self.patch.state.last_positions(hidden.shape[1], hidden.device)
             rows = torch.tensor(self.undecided, device=hidden.device)
-            last_hidden = hidden[rows, self._last_positions[rows]]
+            last_hidden = hidden[rows, self._last_positions.to(hidden.device)[rows]]
             logits = head_logits(self.parts, last_hidden, norm=self.config.early_exit_norm).float()
             top = logits.topk(TOP_K, dim=-1).values
             entropy = -(top.softmax(-1) * top.log_softmax(-1)).sum(-1) / math.log(TOP_K)
@@ -191,12 +209,13 @@ class MemVR:
         return hook
 
     def _retrace_hook(self, layer: int):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             rows = self.retrace_in.get(layer)
             if not rows:
                 return None
-            x = args[0]
+            x = args[0] if args else next(iter(kwargs.values()))
             real = self.patch.state.info.real_positions
+            real = real.to(output.device) if real is not None else None
             mixed = output.clone()
             for b in rows:
                 keys, values = self.scaled_memory(b, layer, x)
@@ -212,10 +231,12 @@ class MemVR:
         if cached is not None:
             return cached
         wide = torch.promote_types(x.dtype, torch.float32)
-        if layer not in self._weight_means:
+        weights = self.parts.ffn_weights(layer)
+        version = tuple((w.data_ptr(), w._version) for w in weights)  # changes when the weights are replaced
+        if self._weight_means.get(layer, (None,))[0] != version:
             # Python floats (double): valid whatever device or dtype the model moves to afterwards
-            self._weight_means[layer] = tuple(w.abs().double().mean().item() for w in self.parts.ffn_weights(layer))
-        in_mean, out_mean = self._weight_means[layer]
+            self._weight_means[layer] = (version, tuple(w.abs().double().mean().item() for w in weights))
+        in_mean, out_mean = self._weight_means[layer][1]
         memory = self.patch.state.visual_memory[sample].to(device=x.device, dtype=x.dtype)
         memory_mean = memory.abs().to(wide).mean()
         scaled = tuple((mean / memory_mean).to(x.dtype) * memory for mean in (in_mean, out_mean))
