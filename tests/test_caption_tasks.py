@@ -114,3 +114,24 @@ def test_phd_questions_and_scores(tmp_path):
     (root / "images" / "CCS_images" / "0.png").unlink()
     with pytest.raises(FileNotFoundError, match="0.png"):
         load_phd_questions(root)
+
+
+def test_chair_samples_val_images_but_takes_ground_truth_from_every_split(tmp_path):
+    import json as _json
+
+    from hallupatch.eval.caption_tasks import load_chair
+
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    cats = [{"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}]
+    for split, ids in (("train2014", [1, 2, 3]), ("val2014", [10, 11])):
+        images = [{"id": i, "file_name": f"COCO_{split}_{i:012d}.jpg"} for i in ids]
+        anns = [{"image_id": i, "category_id": 18} for i in ids]
+        (ann / f"instances_{split}.json").write_text(_json.dumps({"images": images, "annotations": anns, "categories": cats}))
+        caps = [{"image_id": i, "caption": "a cat on the grass"} for i in ids]
+        (ann / f"captions_{split}.json").write_text(_json.dumps({"images": images, "annotations": caps}))
+    data = load_chair(tmp_path, num_images=None, need_images=False)
+    assert data.image_ids == [10, 11], "the sample is drawn from the val images, as OPERA's chair_eval.py does"
+    assert all(q.image.endswith(f"val2014/COCO_val2014_{int(q.qid):012d}.jpg") for q in data.questions)
+    assert data.ground_truth[10] == {"dog", "cat"}  # instances + reference captions
+    assert load_chair(tmp_path, image_ids=[2], need_images=False).image_ids == [2]  # a saved sample is kept

@@ -209,3 +209,36 @@ def test_more_dataset_and_pope_errors(tmp_path):
         load_pope(root)
     with pytest.raises(DataError, match="POPE data not found"):
         load_pope(tmp_path / "absent")
+
+
+def test_pope_answers_whose_prompt_belongs_to_another_split_are_refused(tmp_path):
+    from hallupatch.eval.runner import load_external_answers
+    from hallupatch.eval.tasks import Question
+
+    questions = [Question(qid="random/1", group="random", image_id="x.jpg", image_name="x.jpg",
+                          question="Is there a cat in the image?", answer="yes", image="x.jpg", source="t")]
+    right = tmp_path / "right.jsonl"
+    right.write_text(json.dumps({"question_id": 1, "prompt": "Is there a cat in the image?", "text": "Yes"}) + "\n")
+    assert load_external_answers(right, questions) == {"random/1": "Yes"}
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text("\n" + json.dumps({"question_id": 1, "prompt": "Is there a dog in the image?", "text": "No"}) + "\n")
+    with pytest.raises(DataError, match=r"wrong.jsonl:2: question '1' asks .*dog.* split 'random' asks .*cat"):
+        load_external_answers(wrong, questions)
+
+
+def test_region_records_errors_name_the_file_and_line(tmp_path):
+    from hallupatch.eval.regcap import load_region_samples
+
+    good = {"id": "r1", "image": "a.jpg", "bbox": [1, 2, 3, 4], "references": ["a dog"]}
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        load_region_samples(bad_json)
+    bad_box = tmp_path / "box.jsonl"
+    bad_box.write_text(json.dumps({**good, "bbox": [1, 2, "x", 4]}) + "\n")
+    with pytest.raises(DataError, match=r"box.jsonl:1: bbox must be \[x, y, w, h\]"):
+        load_region_samples(bad_box)
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([good, {**good, "id": "r2", "references": []}]))
+    with pytest.raises(DataError, match=r"list.json: record 1: the region record lacks references"):
+        load_region_samples(listed)

@@ -153,6 +153,16 @@ def test_family_detection_and_original_llava_message(tmp_path, checkpoint):
         (tmp_path / model_type).mkdir()
         (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert models.detect_family(str(tmp_path / model_type)) == family
+    # liuhaotian/llava-v1.5-7b's config.json says model_type "llava" with the original repository's class
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "config.json").write_text(
+        json.dumps({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"]}))
+    assert models.detect_family(str(tmp_path / "original")) == "llava"
+    (tmp_path / "next").mkdir()
+    (tmp_path / "next" / "config.json").write_text(
+        json.dumps({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}))
+    with pytest.raises(ValueError, match="cannot tell the model family"):
+        models.detect_family(str(tmp_path / "next"))
     try:
         import llava  # noqa: F401
     except ImportError:

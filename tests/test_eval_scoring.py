@@ -25,7 +25,8 @@ def test_official_subtask_names():
     "prediction, label",
     [
         ("yes", "yes"), ("no", "no"),            # exact
-        ("Yes", "yes"), ("  NO \n", "no"),       # lower-cased, stripped
+        ("Yes", "yes"), ("NO \n", "no"),         # lower-cased; trailing white space changes nothing
+        ("  yes", "other"), ("  NO \n", "no"),   # not stripped: leading spaces count, as in the tool
         ("yes, there is", "yes"),                # prefix rule
         ("No.", "no"), ("nope", "no"),           # "no" inside the first four characters
         ("ayes", "yes"),                         # "yes" anywhere in the first four
@@ -45,7 +46,7 @@ def _mme_records():
         ("existence", "a.jpg", "Yes", "Yes"), ("existence", "a.jpg", "No", "no"),
         ("existence", "b.jpg", "Yes", "yes, there is"), ("existence", "b.jpg", "No", "Yes"),
         ("existence", "c.jpg", "Yes", "nope"), ("existence", "c.jpg", "No", "I don't know"),
-        # count: d both right, e both wrong
+        # count: d one wrong ("  YES  " is "other": the tool does not strip), e both wrong
         ("count", "d.jpg", "Yes", "  YES  "), ("count", "d.jpg", "No", "No."),
         ("count", "e.jpg", "Yes", "The answer is yes"), ("count", "e.jpg", "No", "nyes"),
         # code_reasoning (cognition): all wrong
@@ -64,14 +65,14 @@ def test_score_mme_hand_computed():
     assert sub["existence"]["acc_plus"] == pytest.approx(1 / 3)
     assert sub["existence"]["score"] == pytest.approx(50 + 100 / 3)
     assert sub["existence"]["other_answers"] == 1
-    # count: 2 of 4, 1 of 2 images
-    assert sub["count"]["score"] == pytest.approx(50 + 50)
-    assert sub["count"]["other_answers"] == 1
+    # count: 1 of 4, 0 of 2 images
+    assert sub["count"]["score"] == pytest.approx(25 + 0)
+    assert sub["count"]["other_answers"] == 2
     # a subtask with all wrong
     assert sub["code_reasoning"]["acc"] == 0 and sub["code_reasoning"]["acc_plus"] == 0
     assert sub["code_reasoning"]["score"] == 0
     assert sub["code_reasoning"]["category"] == "cognition"
-    assert scores["perception"] == pytest.approx(50 + 100 / 3 + 100)
+    assert scores["perception"] == pytest.approx(50 + 100 / 3 + 25)
     assert scores["cognition"] == 0
     assert all(s["images_not_paired"] == 0 for s in sub.values())
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from .chair import ChairWords, coco_ground_truth, find_coco_annotations, sample_image_ids, score_captions
 from .phd import PHD_MODES, load_phd, score_phd
 from .regcap import RegionSample, load_refcocog, load_region_samples, region_prompt, score_region_captions
-from .tasks import DataError, Question, json_lines
+from .tasks import DataError, Question, json_lines, read_json
 
 PathLike = Union[str, Path]
 
@@ -52,8 +52,7 @@ def _annotation_images(instance_files: Sequence[Path]) -> Dict[int, Tuple[str, s
     images: Dict[int, Tuple[str, str]] = {}
     for path in instance_files:
         split = path.stem.split("_", 1)[1] if "_" in path.stem else ""
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
         for im in data.get("images", []):
             images[int(im["id"])] = (split, im["file_name"])
     return images
@@ -74,7 +73,10 @@ def load_chair(data: PathLike, num_images: Optional[int] = CHAIR_NUM_IMAGES, see
     inst_files, cap_files = find_coco_annotations(Path(annotations) if annotations else root / "annotations")
     listed = _annotation_images(inst_files)
     if image_ids is None:
-        image_ids = sample_image_ids(listed, num_images, seed)
+        # the sample comes from the val images (as OPERA's chair_eval.py, which MemVR uses, draws from
+        # val2014); every instance file still feeds the ground truth
+        val = {i: where for i, where in listed.items() if where[0].startswith("val")}
+        image_ids = sample_image_ids(val or listed, num_images, seed)
     unknown = [i for i in image_ids if i not in listed]
     if unknown:
         raise DataError(f"image ids {unknown[:5]} are not listed in {', '.join(map(str, inst_files))}")
@@ -96,7 +98,7 @@ def answer_records(path: Path) -> List[dict]:
         raise FileNotFoundError(f"answers file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        return json.loads(text)
+        return read_json(path)
     return [row for _, row in json_lines(path)]
 
 

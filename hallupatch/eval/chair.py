@@ -161,8 +161,9 @@ def _read_json(path: PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    from .tasks import read_json
+
+    return read_json(path)
 
 
 def coco_ground_truth(

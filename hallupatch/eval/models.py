@@ -101,10 +101,11 @@ def detect_family(path: str) -> str:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     model_type = str(config.get("model_type", "")).lower()
     architectures = " ".join(config.get("architectures") or [])
-    if model_type == "llava" or "LlavaForConditionalGeneration" in architectures:
-        return "llava-hf"
-    if model_type.startswith("llava") or "LlavaLlamaForCausalLM" in architectures:
+    # the architecture first: the original LLaVA-1.5 checkpoints say model_type "llava" too
+    if "LlavaLlamaForCausalLM" in architectures or model_type == "llava_llama":
         return "llava"
+    if "LlavaForConditionalGeneration" in architectures or model_type == "llava":
+        return "llava-hf"
     if model_type == "qwen" or "QWenLMHeadModel" in architectures:
         return "qwen-vl"
     if model_type == "chatglm" or "ChatGLMForConditionalGeneration" in architectures:

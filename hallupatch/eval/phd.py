@@ -105,8 +105,9 @@ def load_phd(path: PathLike, modes: Sequence[str] = PHD_MODES) -> List[PhDQuesti
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"PhD data file not found: {path} (the benchmark's data.json)")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    from .tasks import read_json
+
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of items, as released")
     return phd_questions(data, modes, source=str(path))

@@ -54,26 +54,35 @@ def load_region_samples(path: PathLike) -> List[RegionSample]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"region caption data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    from .tasks import DataError, json_lines, read_json
+
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = list(json_lines(path))
     else:
-        records = json.loads(text)
+        listed = read_json(path)
+        if not isinstance(listed, list):
+            raise DataError(f"{path}: expected a JSON list of region records (or a .jsonl file)")
+        records = [(f"{path}: record {i}", rec) for i, rec in enumerate(listed)]
     samples = []
     seen = set()
-    for i, rec in enumerate(records):
+    for i, (where, rec) in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object; got {rec!r:.80}")
         refs = rec.get("references", rec.get("sentences", rec.get("caption")))
         if isinstance(refs, str):
             refs = [refs]
         missing = [k for k, v in (("image", rec.get("image")), ("bbox", rec.get("bbox")), ("references", refs))
                    if not v]
         if missing:
-            raise ValueError(f"{path}: record {i} lacks {', '.join(missing)}")
+            raise DataError(f"{where}: the region record lacks {', '.join(missing)}")
         sid = str(rec.get("id", i))
         if sid in seen:
-            raise ValueError(f"{path}: duplicate id {sid!r}")
+            raise DataError(f"{where}: duplicate id {sid!r}")
         seen.add(sid)
-        x, y, w, h = (float(v) for v in rec["bbox"])
+        try:
+            x, y, w, h = (float(v) for v in rec["bbox"])
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: bbox must be [x, y, w, h] numbers in pixels; got {rec['bbox']!r}") from None
         samples.append(RegionSample(sid, rec["image"], (x, y, w, h), [str(r) for r in refs],
                                     rec.get("image_id"), rec.get("category")))
     return samples

@@ -293,7 +293,12 @@ def load_external_answers(path: Path, questions: Sequence[Question]) -> Dict[str
         if qid in by_qid:
             target = by_qid[qid]
         elif qid in by_plain and len(by_plain[qid]) == 1:
-            target = by_plain[qid][0]
+            target = by_plain[qid][0]  # POPE numbers every split 1..N: the prompt, when given, must agree
+            if "prompt" in row and _norm_prompt(target.question) != _norm_prompt(str(row["prompt"])):
+                raise DataError(
+                    f"{where}: question {qid!r} asks {str(row['prompt'])[:80]!r} but question {qid} of split "
+                    f"{target.group!r} asks {target.question[:80]!r}; score the split these answers belong to (--splits)"
+                )
         elif qid in by_plain:
             raise DataError(
                 f"{where}: question id {qid!r} exists in several splits ({sorted({q.group for q in by_plain[qid]})}); "

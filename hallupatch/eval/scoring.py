@@ -23,10 +23,12 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 def parse_mme_answer(prediction: str) -> str:
     """The official MME parsing: ``"yes"``, ``"no"`` or ``"other"``.
 
-    Lower-cased and stripped (the tool reads the prediction from the end of a text line); an exact
-    ``yes``/``no`` wins; otherwise the first four characters are searched for ``yes``, then ``no``.
+    Lower-cased, not stripped: the tool reads the prediction as the last field of a text line, so only
+    trailing white space (its newline) is there, and that cannot change the result; leading spaces stay
+    and count (``"  yes"`` is ``other``, as in the tool). An exact ``yes``/``no`` wins; otherwise the
+    first four characters are searched for ``yes``, then ``no``.
     """
-    text = prediction.lower().strip()
+    text = prediction.lower().rstrip()
     if text in ("yes", "no"):
         return text
     prefix = text[:4]
@@ -171,10 +173,11 @@ def score_pope(records: Iterable[POPERecord]) -> Dict:
 def mme_tool_lines(rows: Sequence[Mapping[str, str]]) -> List[str]:
     """Lines of the official tool's ``<subtask>.txt``: ``image\\tquestion\\tgt\\tprediction``.
 
-    Tabs and line breaks inside a prediction would break the tool's line format, so they become spaces.
+    Tabs and line breaks inside a field would break the tool's line format, so they become spaces (and
+    a prediction loses trailing white space, which the tool's parsing ignores anyway).
     """
-    lines = []
-    for row in rows:
-        prediction = " ".join(str(row["prediction"]).replace("\t", " ").splitlines()).strip()
-        lines.append("\t".join([row["image"], row["question"], row["answer"], prediction]))
-    return lines
+    def field(text) -> str:
+        return " ".join(str(text).replace("\t", " ").splitlines())
+
+    return ["\t".join([field(row["image"]), field(row["question"]), field(row["answer"]),
+                       field(row["prediction"]).rstrip()]) for row in rows]

@@ -59,6 +59,15 @@ class Question:
         return img.convert("RGB")
 
 
+def read_json(path: Union[str, Path]):
+    """A JSON file's content; invalid JSON or text is a :class:`DataError` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+
+
 def json_lines(path: Union[str, Path]) -> Iterator[Tuple[str, dict]]:
     """``(where, record)`` for every non-blank line of a JSON-lines file, ``where`` = ``path:line``.
 
