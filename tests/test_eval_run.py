@@ -265,6 +265,19 @@ def test_resume_with_other_settings_is_refused(tmp_path, backend, mme_folder, re
                 backend=backend)
 
 
+def test_every_shard_refuses_a_mismatched_resume_before_waiting_for_the_others(
+        tmp_path, backend, mme_folder, reference, monkeypatch):
+    ref_out, _ = reference
+
+    def barrier():
+        raise AssertionError("rank 1 reached the barrier: it would wait for a rank 0 that stopped")
+
+    monkeypatch.setattr(runner, "current_process", lambda: runner.Distributed(rank=1, world=2, barrier=barrier))
+    with pytest.raises(StoreError, match="different settings"):
+        cli.run(["mme", "--data", str(mme_folder), "--output", str(ref_out), "--limit", LIMIT,
+                 "--max-new-tokens", "5", "--no-progress"], backend=backend)
+
+
 def test_two_shards_merge_into_the_single_process_result(tmp_path, backend, mme_folder, reference):
     ref_out, _ = reference
     settings = json.loads((ref_out / "run.json").read_text())

@@ -122,17 +122,25 @@ def prepare_output(out_dir: Path, settings: Mapping, overwrite: bool = False) ->
             p.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "mme_tool", ignore_errors=True)
     settings = json.loads(json.dumps(settings))  # normalise tuples etc. as JSON would
+    check_resumable(out_dir, settings)
     if run_file.exists():
-        check_settings(out_dir, settings)
         return
-    if all_answer_files(out_dir):
+    tmp = run_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, run_file)
+
+
+def check_resumable(out_dir: Path, settings: Mapping) -> None:
+    """Raise ``StoreError`` when ``out_dir`` holds a run these settings cannot resume (read-only, so every
+    process of a sharded run can check it and stop, instead of waiting for the one that failed)."""
+    out_dir = Path(out_dir)
+    if (out_dir / RUN_FILE).exists():
+        check_settings(out_dir, settings)
+    elif all_answer_files(out_dir):
         raise StoreError(
             f"{out_dir} holds answers but no {RUN_FILE}, so they cannot be checked against this run; "
             "use another --output or pass --overwrite to discard them"
         )
-    tmp = run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, run_file)
 
 
 def check_settings(out_dir: Path, settings: Mapping) -> None:
