@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from . import caption_tasks as ct
 from .phd import PHD_MODES
 from .ranking import RankingBackend, load_scorer, scored_candidates
-from .store import check_resumable, check_settings, merge_answers, prepare_output, write_json
+from .store import merge_answers, write_json
 from .tasks import DataError, Question
 
 BENCHMARKS = ("chair", "regcap", "phd")
@@ -228,15 +228,11 @@ def _answer_and_score(args, backend, task: Task, proc, knobs, model_setting: str
         "decoding": "greedy",
         **task.settings,
     }
-    if not args.overwrite:
-        check_resumable(out, settings)  # every process: a refusal stops them all, none waits at the barrier
-    if proc.is_main:
-        prepare_output(out, settings, overwrite=args.overwrite)
+    def save_image_sample():
         if task.image_ids is not None and (args.overwrite or not (out / ct.IMAGE_IDS_FILE).exists()):
             write_json(out / ct.IMAGE_IDS_FILE, task.image_ids)
-    proc.barrier()
-    if not proc.is_main:
-        check_settings(out, settings)
+
+    runner.open_run(out, settings, proc, overwrite=args.overwrite, on_main=save_image_sample)
 
     answering = backend
     if args.rank_with:

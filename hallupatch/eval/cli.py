@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from hallupatch.eval import caption_cli, models, runner, sample, tasks
-from hallupatch.eval.store import StoreError, check_resumable, check_settings, prepare_output
+from hallupatch.eval.store import StoreError
 
 EMBEDDED_MODEL = "embedded:tiny-llava"
 EMBEDDED_DATA = f"embedded:mme-sample-v{sample.SAMPLE_VERSION}"
@@ -198,13 +198,7 @@ def _answer_and_score(args, backend, questions, out: Path, proc, embedded: bool,
         "dtype": str(next(backend.model.parameters()).dtype).replace("torch.", ""),
         "decoding": "greedy",
     }
-    if not args.overwrite:
-        check_resumable(out, settings)  # every process: a refusal stops them all, none waits at the barrier
-    if proc.is_main:
-        prepare_output(out, settings, overwrite=args.overwrite)
-    proc.barrier()
-    if not proc.is_main:
-        check_settings(out, settings)
+    runner.open_run(out, settings, proc, overwrite=args.overwrite)
 
     start = time.perf_counter()
     produced = runner.answer_questions(

@@ -16,6 +16,7 @@ from hallupatch.eval.store import (
     AnswerWriter,
     StoreError,
     answers_path,
+    check_resumable,
     check_settings,
     finished_ids,
     merge_answers,
@@ -111,6 +112,22 @@ def answer_record(q: Question, generated: Mapping[str, Any], trace: Optional[Dic
     if trace is not None:
         record["memvr"] = trace
     return record
+
+
+def open_run(out_dir: Path, settings: Mapping[str, Any], proc: Distributed, overwrite: bool = False,
+             on_main: Optional[Callable[[], None]] = None) -> None:
+    """Make ``out_dir`` ready for this run on every process: refuse a run it cannot resume (every
+    process checks, so none waits at the barrier for one that stopped), create it and its ``run.json`` on
+    the main process (then ``on_main()``), and let the others check the stored settings."""
+    if not overwrite:
+        check_resumable(out_dir, settings)
+    if proc.is_main:
+        prepare_output(out_dir, settings, overwrite=overwrite)
+        if on_main is not None:
+            on_main()
+    proc.barrier()
+    if not proc.is_main:
+        check_settings(out_dir, settings)
 
 
 def answer_questions(
