@@ -1,6 +1,8 @@
 """Method registry: each decoding-time method is a config dataclass plus an ``install`` function.
 
 ``install(patch, config)`` adds the method's hooks through the engine's :class:`~hallupatch.engine.Patch`;
+a config's optional ``validate_for(parts)`` (checks that need the model) is run by ``hallupatch.apply``
+before anything changes, so a refused configuration leaves the model as it was;
 ``hallupatch.apply`` combines methods with ``"+"`` (e.g. ``"memvr+dola"``).
 """
 from __future__ import annotations

@@ -332,7 +332,7 @@ class LayerContrastProcessor(LogitsProcessor):
 
 
 def install(patch: Patch, config: DoLaConfig) -> LayerContrast:
-    config.validate_for(patch.parts)
+    """Add the layer-contrast hooks; ``hallupatch.apply`` has already run ``config.validate_for``."""
     return LayerContrast(patch, config)
 
 

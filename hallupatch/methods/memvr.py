@@ -253,7 +253,7 @@ class MemVR:
 
 
 def install(patch: Patch, config: MemVRConfig) -> MemVR:
-    config.validate_for(patch.parts)
+    """Add MemVR's hooks; ``hallupatch.apply`` has already run ``config.validate_for``."""
     return MemVR(patch, config)
 
 
