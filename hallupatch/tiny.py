@@ -7,7 +7,7 @@ processor a small ``CLIPImageProcessor``, so a ``LlavaProcessor`` saves and relo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Union
 
 import torch
 

@@ -1,4 +1,9 @@
 """Shared fixtures: tiny random-weight checkpoints, saved and reloaded through ``from_pretrained``."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +34,15 @@ def llava(tiny_llava_dir):
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+def launch_two_processes(eval_args, cwd):
+    """``accelerate launch`` (two CPU processes) of ``python -m hallupatch.eval *eval_args``; the result."""
+    pytest.importorskip("accelerate")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "hallupatch.eval", *eval_args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )

@@ -185,21 +185,13 @@ def test_chair_with_memvr_records_trace_and_unpatches(checkpoint, data, tmp_path
 
 def test_phd_two_processes_merge_into_the_single_process_result(data, tmp_path):
     """`accelerate launch` with two processes: each answers its shard, rank 0 merges and scores."""
-    import os
-    import subprocess
+    from conftest import launch_two_processes
 
     pytest.importorskip("accelerate")
     args = ["phd", "--data", str(data["phd"]), "--modes", "base", "ccs", "--max-new-tokens", "2", "--batch-size", "2",
             "--no-progress"]
     single = cli.run([*args, "--output", str(tmp_path / "single")])
-    repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "hallupatch.eval", *args, "--output", str(tmp_path / "sharded")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = launch_two_processes([*args, "--output", str(tmp_path / "sharded")], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on rank 0 of 2" in done.stdout
     assert read_jsonl(tmp_path / "sharded" / "answers.jsonl") == read_jsonl(tmp_path / "single" / "answers.jsonl")

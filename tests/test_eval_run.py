@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import launch_two_processes
 from hallupatch.engine import get_patch
 from hallupatch.eval import cli, models, runner
 from hallupatch.eval.sample import write_mme_sample
@@ -370,13 +371,7 @@ def test_accelerate_launch_two_processes_merge_into_the_single_process_result(tm
     pytest.importorskip("accelerate")
     args = ["mme", "--limit", "6", "--max-new-tokens", "2", "--batch-size", "2", "--no-progress"]
     cli.run([*args, "--output", str(tmp_path / "single")])
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "hallupatch.eval", *args, "--output", str(tmp_path / "sharded")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = launch_two_processes([*args, "--output", str(tmp_path / "sharded")], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on rank 0 of 2" in done.stdout  # really two processes, each with its shard
     assert _files(tmp_path / "sharded") == _files(tmp_path / "single")

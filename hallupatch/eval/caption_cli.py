@@ -261,11 +261,7 @@ def _answer_and_score(args, backend, task: Task, proc, knobs, model_setting: str
 
 
 def _report(args, task: Task, scores: Mapping[str, Any], out: Path, timing) -> None:
-    print(task.table(scores))
-    if timing is not None:
-        produced, elapsed, world = timing
-        rate = produced / elapsed if elapsed > 0 and produced else 0.0
-        where = f" on rank 0 of {world}" if world > 1 else ""
-        print(f"answered {produced} question(s) now{where} in {elapsed:.1f} s ({rate:.2f} questions/s)")
+    from . import runner
+
     extra = f", per-caption details: {out / (args.benchmark + '_captions.json')}" if args.benchmark in FREE_TEXT else ""
-    print(f"results: {out / 'scores.json'}{extra}")
+    runner.print_report(task.table(scores), timing, f"{out / 'scores.json'}{extra}")

@@ -7,7 +7,6 @@ other tools are read in each benchmark's usual format (CHAIR: JSONL ``image_id``
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union

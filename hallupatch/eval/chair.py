@@ -34,7 +34,6 @@ and lower-cased ("iPhone"). The synonym table is the original's, shipped unchang
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -187,26 +186,24 @@ def coco_ground_truth(
     def wanted(imid: int) -> bool:
         return keep is None or imid in keep
 
-    for source in instances:
-        data = source if isinstance(source, dict) else _read_json(source)
+    def category_objects(data):  # instance annotations name a category: its canonical word
         names = {c["id"]: c["name"] for c in data.get("categories", [])}
-        for img in data.get("images", []):
-            if wanted(int(img["id"])):
-                gt.setdefault(int(img["id"]), set())
-        for ann in data.get("annotations", []):
-            imid = int(ann["image_id"])
-            if wanted(imid):
-                name = names[ann["category_id"]]
-                gt.setdefault(imid, set()).add(words.synonyms.get(name, name))
-    for source in captions:
-        data = source if isinstance(source, dict) else _read_json(source)
-        for img in data.get("images", []):
-            if wanted(int(img["id"])):
-                gt.setdefault(int(img["id"]), set())
-        for ann in data.get("annotations", []):
-            imid = int(ann["image_id"])
-            if wanted(imid):
-                gt.setdefault(imid, set()).update(words.objects(ann["caption"]))
+        return lambda ann: {words.synonyms.get(names[ann["category_id"]], names[ann["category_id"]])}
+
+    def caption_objects(data):  # caption annotations: the objects the CHAIR pipeline finds in them
+        return lambda ann: set(words.objects(ann["caption"]))
+
+    for sources, objects_in in ((instances, category_objects), (captions, caption_objects)):
+        for source in sources:
+            data = source if isinstance(source, dict) else _read_json(source)
+            objects_of = objects_in(data)
+            for img in data.get("images", []):
+                if wanted(int(img["id"])):
+                    gt.setdefault(int(img["id"]), set())
+            for ann in data.get("annotations", []):
+                imid = int(ann["image_id"])
+                if wanted(imid):
+                    gt.setdefault(imid, set()).update(objects_of(ann))
     return gt
 
 

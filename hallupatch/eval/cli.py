@@ -216,14 +216,8 @@ def _answer_and_score(args, backend, questions, out: Path, proc, embedded: bool,
 
 
 def _report(scores, out: Path, timing) -> None:
-    print(runner.format_table(scores))
-    if timing is not None:
-        produced, elapsed, world = timing
-        rate = produced / elapsed if elapsed > 0 and produced else 0.0
-        where = f" on rank 0 of {world}" if world > 1 else ""
-        print(f"answered {produced} question(s) now{where} in {elapsed:.1f} s ({rate:.2f} questions/s)")
     tool = f", official-tool files: {out / 'mme_tool'}" if scores["benchmark"] == "mme" else ""
-    print(f"results: {out / 'scores.json'}{tool}")
+    runner.print_report(runner.format_table(scores), timing, f"{out / 'scores.json'}{tool}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

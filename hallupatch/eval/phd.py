@@ -20,7 +20,6 @@ harmonic mean. Reported per mode x task, per mode (its tasks pooled) and overall
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path

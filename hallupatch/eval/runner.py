@@ -1,15 +1,13 @@
 """The evaluation loop: shard, batch, generate, store, merge, score, report."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from hallupatch.eval.scoring import MMERecord, POPERecord, mme_tool_lines, score_mme, score_pope
 from hallupatch.eval.store import (
@@ -21,7 +19,6 @@ from hallupatch.eval.store import (
     finished_ids,
     merge_answers,
     prepare_output,
-    read_answers,
     write_json,
 )
 from hallupatch.eval.tasks import DataError, Question, json_lines
@@ -220,6 +217,19 @@ def write_mme_tool_files(folder: Path, questions: Sequence[Question], texts: Map
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         written.append(path)
     return written
+
+
+def print_report(table: str, timing: Optional[tuple], results: str) -> None:
+    """Print a finished run: its score table, how many questions were answered now and how fast
+    (``timing`` = ``(produced, seconds, world size)``, ``None`` when scoring outside answers), and where
+    the results are."""
+    print(table)
+    if timing is not None:
+        produced, elapsed, world = timing
+        rate = produced / elapsed if elapsed > 0 and produced else 0.0
+        where = f" on rank 0 of {world}" if world > 1 else ""
+        print(f"answered {produced} question(s) now{where} in {elapsed:.1f} s ({rate:.2f} questions/s)")
+    print(f"results: {results}")
 
 
 def format_table(scores: Mapping[str, Any]) -> str:
