@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,7 +50,8 @@ def build_case(family: str, shape: str, device: str, dtype: torch.dtype):
     """``(model, generate_kwargs)``: a random-weight model of the family and shape, one one-image prompt."""
     if family == "llama":
         return build_llava(shape, device, dtype)
-    from hallupatch import tiny_remote
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the remote-code stand-ins
+    import tiny_remote
 
     return tiny_remote.build_benchmark_case(family, shape, device=device, dtype=dtype)
 

@@ -10,7 +10,7 @@ import argparse
 import torch
 
 import hallupatch
-from hallupatch.tiny import tiny_image, tiny_llava
+from hallupatch.testing.tiny import tiny_image, tiny_llava
 
 
 def main(argv=None) -> None:

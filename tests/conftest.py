@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hallupatch.tiny import build_tiny_llava_checkpoint
+from hallupatch.testing.tiny import build_tiny_llava_checkpoint
 
 TINY_LAYERS = 6
 

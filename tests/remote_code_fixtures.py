@@ -1,6 +1,6 @@
 """Helpers for the trust_remote_code tests: tiny Qwen-VL-Chat / GLM-4V checkpoints and padded batches.
 
-The checkpoints are built by ``hallupatch.tiny_remote`` (our drop-in modeling file next to stand-ins of the
+The checkpoints are built by ``tiny_remote`` (tests/) (our drop-in modeling file next to stand-ins of the
 sibling files with the upstream interface) and always loaded through ``from_pretrained(trust_remote_code=True)``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from transformers import AutoModelForCausalLM
 
-from hallupatch import tiny_remote
+import tiny_remote
 
 QWEN_HIDDEN = 32
 NUM_LAYERS = 4

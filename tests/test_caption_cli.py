@@ -16,7 +16,7 @@ from hallupatch.eval.regcap import region_prompt  # noqa: E402
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from hallupatch.tiny import build_tiny_llava_checkpoint
+    from hallupatch.testing.tiny import build_tiny_llava_checkpoint
 
     return str(build_tiny_llava_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", seed=0))
 

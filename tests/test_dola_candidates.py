@@ -7,7 +7,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 import hallupatch
 from hallupatch.engine import get_patch
-from hallupatch.tiny import build_tiny_llava_checkpoint, tiny_image
+from hallupatch.testing.tiny import build_tiny_llava_checkpoint, tiny_image
 
 PROMPTS = [
     "USER: <image>\nwhat is in the picture? ASSISTANT:",

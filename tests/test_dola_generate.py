@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGener
 import hallupatch
 from hallupatch.engine import get_patch
 from hallupatch.methods.dola import tied_embeddings
-from hallupatch.tiny import build_tiny_llava_checkpoint, tiny_image
+from hallupatch.testing.tiny import build_tiny_llava_checkpoint, tiny_image
 
 PROMPTS = [
     "USER: <image>\nwhat is in the picture? ASSISTANT:",

@@ -2,7 +2,6 @@
 the drop-in modeling files): the scores inside generate() equal a float64 re-computation of DESIGN §4c
 from output_hidden_states, per sample, and a left-padded batch equals its rows alone.
 
-Runs once ``hallupatch.tiny_remote`` (the remote-code helper's builders) is on the branch; skipped before.
 """
 import math
 import warnings
@@ -15,7 +14,7 @@ import hallupatch
 from hallupatch.methods.dola import tied_embeddings
 from hallupatch.spec import resolve
 
-tiny_remote = pytest.importorskip("hallupatch.tiny_remote")
+import tiny_remote
 
 NEVER_STOP = dict(do_sample=False, eos_token_id=-1, max_new_tokens=4)
 

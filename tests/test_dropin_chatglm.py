@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hallupatch import tiny_remote
+import tiny_remote
 from hallupatch.engine import get_patch
 
 from remote_code_fixtures import GREEDY, NUM_LAYERS, glm_inputs, load

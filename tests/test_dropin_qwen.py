@@ -4,7 +4,7 @@ import torch
 from safetensors import safe_open
 
 import hallupatch
-from hallupatch import tiny_remote
+import tiny_remote
 from hallupatch.engine import get_patch
 
 from remote_code_fixtures import GREEDY, NUM_LAYERS, left_pad, load, qwen_rows

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hallupatch
-from hallupatch import tiny_remote
+import tiny_remote
 from hallupatch.spec import resolve
 
 

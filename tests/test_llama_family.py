@@ -115,7 +115,7 @@ def test_llava_hf_reloaded_checkpoint_is_supported(llava):
 
 
 def test_early_exit_logits_is_the_logit_lens(llava):
-    from hallupatch.tiny import tiny_image
+    from hallupatch.testing.tiny import tiny_image
 
     model, processor = llava
     inputs = processor(text="USER: <image>\nwhat is this ? ASSISTANT:", images=tiny_image(3), return_tensors="pt")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hallupatch
-from hallupatch.tiny import tiny_image
+from hallupatch.testing.tiny import tiny_image
 from memvr_reference import double_copy, llava_inputs_embeds, memvr_reference
 
 PROMPTS = [

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hallupatch
-from hallupatch import tiny_remote
+import tiny_remote
 from hallupatch.engine import get_patch
 
 from remote_code_fixtures import GREEDY, glm_inputs, left_pad, load, qwen_rows

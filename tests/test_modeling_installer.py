@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hallupatch import modeling, tiny_remote
+import tiny_remote
+from hallupatch import modeling
 from hallupatch.engine import get_patch
 
 from remote_code_fixtures import load

@@ -122,9 +122,9 @@ def _write_sample(root: Path) -> None:
 
 
 def tiny_backend(seed: int = 0):
-    """The embedded model: :func:`hallupatch.tiny.tiny_llava` behind the llava-hf backend."""
+    """The embedded model: :func:`hallupatch.testing.tiny.tiny_llava` behind the llava-hf backend."""
     from hallupatch.eval.models import RECIPES, LlavaHFBackend
-    from hallupatch.tiny import tiny_llava
+    from hallupatch.testing.tiny import tiny_llava
 
     model, processor = tiny_llava(seed=seed)
     return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=f"tiny-llava-seed{seed}")
