@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from hallupatch.engine import PATCH_ATTRIBUTE, Patch, as_memory_list, get_patch
-from hallupatch.methods import parse_method
+from hallupatch.methods import Method, MethodConfig, parse_method
 from hallupatch.spec import resolve
 
 
@@ -30,34 +29,15 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
     """
     methods = parse_method(method)
     parts = resolve(model)
-    given = {type(c): c for c in ([] if config is None else config if isinstance(config, (list, tuple)) else [config])}
-    valid = {f.name for m in methods for f in dataclasses.fields(m.config_cls)}
-    unknown = sorted(set(knobs) - valid)
-    if unknown:
-        raise TypeError(f"unknown knob(s) {unknown} for method {method!r}; valid knobs: {sorted(valid)}")
-    owners = {k: [m.name for m in methods if k in {f.name for f in dataclasses.fields(m.config_cls)}] for k in knobs}
-    shared = {k: names for k, names in owners.items() if len(names) > 1}
-    if shared:
-        raise ValueError(
-            f"knob(s) {sorted(shared)} belong to several of the methods {method!r} (their defaults differ); "
-            "set them per method with config objects, e.g. config=[hallupatch.MemVRConfig(early_exit_norm=True), "
-            "hallupatch.DoLaConfig(early_exit_norm=False)]"
-        )
-    configs = []
-    for m in methods:
-        fields = {f.name for f in dataclasses.fields(m.config_cls)}
-        base = dataclasses.asdict(given[m.config_cls]) if m.config_cls in given else dict(parts.spec.method_defaults.get(m.name, {}))
-        base.update({k: v for k, v in knobs.items() if k in fields})
-        cfg = m.config_cls(**base)
-        if hasattr(cfg, "validate_for"):
-            cfg.validate_for(parts)  # before anything changes: a refused apply keeps the previous patch
-        configs.append(cfg)
+    configs = build_configs(methods, parts.spec.method_defaults, config, knobs, method)
+    for cfg in configs:
+        cfg.validate_for(parts)  # before anything changes: a refused apply keeps the previous patch
 
     previous = get_patch(model)
     remove(model)
     patch = Patch(model, parts)
     if previous is not None:  # visual tokens given by the user are data, not configuration: keep them
-        patch.state.explicit_memory = previous.state.explicit_memory
+        patch.explicit_memory = previous.explicit_memory
     try:
         for m, cfg in zip(methods, configs):
             patch.configs[m.name] = cfg
@@ -67,6 +47,31 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
         raise
     setattr(model, PATCH_ATTRIBUTE, patch)
     return model
+
+
+def build_configs(methods: Sequence[Method], family_defaults: Mapping[str, Mapping[str, Any]], config: Any,
+                  knobs: Mapping[str, Any], method: str) -> List[MethodConfig]:
+    """One validated config per method: a given config object, else the family's published defaults,
+    then ``knobs`` on top (a knob that several of the methods have must come through config objects)."""
+    given = {type(c): c for c in ([] if config is None else config if isinstance(config, (list, tuple)) else [config])}
+    valid = {k for m in methods for k in m.config_cls.knobs()}
+    unknown = sorted(set(knobs) - valid)
+    if unknown:
+        raise TypeError(f"unknown knob(s) {unknown} for method {method!r}; valid knobs: {sorted(valid)}")
+    owners = {k: [m.name for m in methods if k in m.config_cls.knobs()] for k in knobs}
+    shared = {k: names for k, names in owners.items() if len(names) > 1}
+    if shared:
+        raise ValueError(
+            f"knob(s) {sorted(shared)} belong to several of the methods {method!r} (their defaults differ); "
+            "set them per method with config objects, e.g. config=[hallupatch.MemVRConfig(early_exit_norm=True), "
+            "hallupatch.DoLaConfig(early_exit_norm=False)]"
+        )
+    configs = []
+    for m in methods:
+        base = given[m.config_cls].to_dict() if m.config_cls in given else dict(family_defaults.get(m.name, {}))
+        base.update({k: v for k, v in knobs.items() if k in m.config_cls.knobs()})
+        configs.append(m.config_cls.from_dict(base))
+    return configs
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -103,19 +108,23 @@ def set_visual_memory(
     for t in memory or []:
         if t is not None and hidden is not None and t.shape[-1] != hidden:
             raise ValueError(f"visual tokens must have the model's hidden size {hidden}; got {t.shape[-1]}")
-    patch.state.explicit_memory = memory
+    patch.explicit_memory = memory
 
 
-def get_trace(model: nn.Module):
-    """MemVR's trace of the latest forward / ``generate()``: per pass and sample, where retracing fired.
+def get_trace(model: nn.Module, method: str = "memvr"):
+    """What ``method`` did in the latest forward / ``generate()`` of a patched model.
 
-    Returns a :class:`~hallupatch.methods.memvr.MemVRTrace`; see ``trace.trigger_layers()`` and
-    ``trace.passes[i].entropies``.
+    ``"memvr"``: a :class:`~hallupatch.methods.memvr.MemVRTrace`, per pass and sample where retracing
+    fired (``trace.trigger_layers()``, ``trace.passes[i].entropies``). ``"dola"``: a
+    :class:`~hallupatch.methods.dola.LayerContrastTrace`, the premature layer each sample used per step.
     """
     patch = _require_patch(model, "get_trace")
-    if "memvr" not in patch.methods:
-        raise ValueError("get_trace needs a model patched with MemVR: hallupatch.apply(model, method='memvr')")
-    return patch.methods["memvr"].trace
+    if method not in patch.methods:
+        raise ValueError(
+            f"get_trace(method={method!r}) needs a model patched with {method!r}: "
+            f"hallupatch.apply(model, method={method!r}); this model is patched with {'+'.join(patch.methods)!r}"
+        )
+    return patch.methods[method].trace
 
 
 def _require_patch(model: nn.Module, what: str) -> Patch:

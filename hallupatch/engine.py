@@ -20,14 +20,9 @@ PATCH_ATTRIBUTE = "_hallupatch"
 
 @dataclass
 class PassState:
-    """What the engine knows about the forward pass in flight (reset at every decoder-stack call)."""
+    """The forward pass in flight (its ``info`` is set at every pass start)."""
 
     info: Optional[PassInfo] = None
-    index: int = -1                                     # passes since the last prefill (0 = the prefill)
-    visual_memory: Optional[List[Optional[torch.Tensor]]] = None   # per sample: (n_vis, hidden) or None
-    captured_images: List[torch.Tensor] = field(default_factory=list)
-    input_ids: Optional[torch.Tensor] = None            # the newest input_ids seen by the top-level model
-    explicit_memory: Optional[List[Optional[torch.Tensor]]] = None
 
     def last_positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """Index of each sample's last real (non-padding) position in this pass."""
@@ -38,6 +33,22 @@ class PassState:
         return torch.where(real, positions, -1).amax(dim=1).clamp(min=0).to(device)
 
 
+@dataclass
+class GenerationState:
+    """One sequence's state, from its prefill to the next prefill: the passes so far and its visual memory."""
+
+    passes: int = -1                                     # passes since the prefill (0 = the prefill)
+    visual_memory: Optional[List[Optional[torch.Tensor]]] = None   # per sample: (n_vis, hidden) or None
+
+
+@dataclass
+class PendingInputs:
+    """What the model's call and its visual module handed over for the pass about to start."""
+
+    images: List[torch.Tensor] = field(default_factory=list)   # visual tokens captured, one tensor per call
+    input_ids: Optional[torch.Tensor] = None                    # the newest input_ids of the top-level model
+
+
 class Patch:
     """All the changes hallupatch made to one model instance, and the state they share."""
 
@@ -46,7 +57,11 @@ class Patch:
         self.parts = parts
         self.configs: dict = {}   # method name -> its config
         self.methods: dict = {}   # method name -> what its install() returned
-        self.state = PassState()
+        self.state = PassState()              # per pass
+        self.generation = GenerationState()   # per sequence (prefill to prefill)
+        self.pending = PendingInputs()        # handed over for the next pass
+        # per patch: visual tokens given with set_visual_memory (user data, kept across re-apply)
+        self.explicit_memory: Optional[List[Optional[torch.Tensor]]] = None
         self._handles: list = []
         self._wrapped: list = []
         self._pass_callbacks: List[Callable[[PassInfo], None]] = []
@@ -89,44 +104,40 @@ class Patch:
         self.hook(self.model, self._remember_input_ids, pre=True, with_kwargs=True)
         if self.parts.visual is not None:
             self.hook(self.parts.visual, self._capture_visual_tokens)
-        self.hook(self.parts.decoder, self._start_pass, pre=True, with_kwargs=True)
+        self.hook(self.parts.pass_start, self._start_pass, pre=True, with_kwargs=True)
 
     def _remember_input_ids(self, module, args, kwargs):
         ids = bind_call(module, args, kwargs).get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-            self.state.input_ids = ids
+            self.pending.input_ids = ids
 
     def _capture_visual_tokens(self, module, args, output):
         tokens = self.parts.spec.visual_output(output)
-        self.state.captured_images.append(tokens.detach())
+        self.pending.images.append(tokens.detach())
 
     def _start_pass(self, module, args, kwargs):
-        state = self.state
         info = self.parts.spec.pass_info(module, args, kwargs)
-        state.info = info
+        self.state.info = info
         if info.is_prefill:
-            state.index = 0
-            state.visual_memory = self._memory_for_prefill(info.batch_size)
+            self.generation = GenerationState(passes=0, visual_memory=self._memory_for_prefill(info.batch_size))
         else:
-            state.index += 1
-        state.captured_images = []
-        state.input_ids = None
+            self.generation.passes += 1
+        self.pending = PendingInputs()
         for callback in self._pass_callbacks:
             callback(info)
 
     def _memory_for_prefill(self, batch_size: int) -> Optional[List[Optional[torch.Tensor]]]:
         """The visual memory of a new sequence: explicit tokens if set, else this prefill's images."""
-        state = self.state
-        if state.explicit_memory is not None:
-            if len(state.explicit_memory) != batch_size:
+        if self.explicit_memory is not None:
+            if len(self.explicit_memory) != batch_size:
                 raise ValueError(
-                    f"set_visual_memory was given {len(state.explicit_memory)} samples but the batch has "
+                    f"set_visual_memory was given {len(self.explicit_memory)} samples but the batch has "
                     f"{batch_size}; call hallupatch.set_visual_memory(model, tokens) with one entry per sample."
                 )
-            return state.explicit_memory
-        if not state.captured_images:
+            return self.explicit_memory
+        if not self.pending.images:
             return None  # an image-less prefill clears the memory of any previous image
-        images = [img for batch in state.captured_images for img in batch]  # each (tokens, hidden)
+        images = [img for batch in self.pending.images for img in batch]  # each (tokens, hidden)
         counts = self._images_per_sample(len(images), batch_size)
         memory: List[Optional[torch.Tensor]] = []
         start = 0
@@ -137,7 +148,7 @@ class Patch:
 
     def _images_per_sample(self, num_images: int, batch_size: int) -> List[int]:
         token = self.parts.spec.image_token_id(self.model)
-        ids = self.state.input_ids
+        ids = self.pending.input_ids
         if token is not None and ids is not None and ids.shape[0] == batch_size:
             counts = (ids == token).sum(dim=1).tolist()
             if sum(counts) == num_images:

@@ -82,29 +82,34 @@ def dropin_source(family: str) -> Path:
 
 def memvr_block(ratio: Optional[float] = None, threshold: Optional[float] = None, start: Optional[int] = None,
                 end: Optional[int] = None) -> Dict[str, Any]:
-    """The config block for MemVR; knobs left ``None`` take the family's published defaults at load time."""
+    """The config block for MemVR; knobs left ``None`` take the family's published defaults at load time
+    (:func:`install` validates the block against them)."""
     block: Dict[str, Any] = {"method": "memvr"}
     for key, value in (("retracing_ratio", ratio), ("entropy_threshold", threshold),
                        ("starting_layer", start), ("ending_layer", end)):
         if value is not None:
             block[key] = value
-    _check_knobs(block)
     return block
 
 
-def _check_knobs(block: Dict[str, Any]) -> None:
-    """Validate the knobs that can be checked without the model (ranges of ratio and threshold)."""
-    ratio, threshold = block.get("retracing_ratio"), block.get("entropy_threshold")
-    if ratio is not None and not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"--memvr-ratio must be in [0, 1]; got {ratio}")
-    if threshold is not None and not threshold >= 0.0:
-        raise ValueError(f"--memvr-threshold must be >= 0; got {threshold}")
-    for key in ("starting_layer", "ending_layer"):
-        if block.get(key) is not None and block[key] < 0:
-            raise ValueError(f"--memvr-{'start' if key == 'starting_layer' else 'end'} must be >= 0; got {block[key]}")
-    start, end = block.get("starting_layer"), block.get("ending_layer")
-    if start is not None and end is not None and not start < end:
-        raise ValueError(f"--memvr-start must be < --memvr-end; got {start} and {end}")
+def check_block(block: Dict[str, Any], family: str) -> None:
+    """Validate a config block as ``hallupatch.apply`` will at load time, with the family's published
+    defaults for the knobs it leaves out (the checks that need the model's layer count wait until then)."""
+    from hallupatch.api import build_configs
+    from hallupatch.methods import parse_method
+    from hallupatch.spec import registered_families
+
+    if not isinstance(block, dict):
+        raise ValueError(f'the "hallupatch" block must be an object like {{"method": "memvr"}}; got {block!r}')
+    knobs = dict(block)
+    method = knobs.pop("method", "memvr")
+    if not knobs.pop("enabled", True) or method in (None, "none"):
+        return
+    defaults = next(spec.method_defaults for spec in registered_families() if spec.name == family)
+    try:
+        build_configs(parse_method(method), defaults, None, knobs, method)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
 
 
 def install(checkpoint: Union[str, Path], block: Optional[Dict[str, Any]] = None) -> Path:
@@ -115,7 +120,7 @@ def install(checkpoint: Union[str, Path], block: Optional[Dict[str, Any]] = None
     if not target.is_file():
         raise InstallError(f"{target} does not exist: the folder is not a trust_remote_code {family} checkpoint")
     block = memvr_block() if block is None else block
-    _check_knobs(block)
+    check_block(block, family)
     backup = target.with_name(target.name + BACKUP_SUFFIX)
     if not backup.exists():
         shutil.copy2(target, backup)
@@ -159,6 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "install":
+            if args.memvr_start is not None and args.memvr_end is not None and not args.memvr_start < args.memvr_end:
+                raise ValueError(f"--memvr-start must be < --memvr-end; got {args.memvr_start} and {args.memvr_end}")
             block = memvr_block(args.memvr_ratio, args.memvr_threshold, args.memvr_start, args.memvr_end)
             target = install(args.checkpoint, block)
             print(f"installed hallupatch's {target.name} in {args.checkpoint} (original kept as {target.name}{BACKUP_SUFFIX}); "

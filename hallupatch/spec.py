@@ -88,7 +88,9 @@ class FamilySpec:
     """
 
     name: str
-    decoder_paths: Tuple[str, ...]        # module whose forward runs the whole decoder stack
+    # the module whose forward pre-hook starts a pass once the visual tokens exist: the decoder stack for
+    # llama and chatglm; block 0 for Qwen, which encodes its images inside QWenModel.forward
+    pass_start_paths: Tuple[str, ...]
     layers_paths: Tuple[str, ...]         # nn.ModuleList of decoder layers
     final_norm_paths: Tuple[str, ...]
     lm_head_paths: Tuple[str, ...]
@@ -117,7 +119,7 @@ class ModelParts:
 
     spec: FamilySpec
     model: nn.Module
-    decoder: nn.Module
+    pass_start: nn.Module     # see FamilySpec.pass_start_paths
     layers: nn.ModuleList
     final_norm: nn.Module
     lm_head: nn.Module
@@ -190,7 +192,7 @@ def resolve(model: nn.Module) -> ModelParts:
         if not matches(spec, model):
             continue
         parts = dict(
-            decoder=first_path(model, spec.decoder_paths),
+            pass_start=first_path(model, spec.pass_start_paths),
             layers=first_path(model, spec.layers_paths),
             final_norm=first_path(model, spec.final_norm_paths),
             lm_head=first_path(model, spec.lm_head_paths),

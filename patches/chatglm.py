@@ -33,7 +33,7 @@ def glm_pass_info(encoder, args, kwargs) -> PassInfo:
 CHATGLM = register_family(
     FamilySpec(
         name="chatglm",
-        decoder_paths=("transformer.encoder",),
+        pass_start_paths=("transformer.encoder",),
         layers_paths=("transformer.encoder.layers",),
         final_norm_paths=("transformer.encoder.final_layernorm",),
         lm_head_paths=("transformer.output_layer",),

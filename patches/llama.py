@@ -18,7 +18,7 @@ def _image_token_id(model):
 LLAMA = register_family(
     FamilySpec(
         name="llama",
-        decoder_paths=("model", "language_model.model"),
+        pass_start_paths=("model", "language_model.model"),
         layers_paths=("model.layers", "language_model.model.layers"),
         final_norm_paths=("model.norm", "language_model.model.norm"),
         lm_head_paths=("lm_head", "language_model.lm_head"),

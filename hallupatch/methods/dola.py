@@ -30,7 +30,7 @@ from transformers import LogitsProcessor
 from hallupatch.early_exit import head_logits
 from hallupatch.engine import Patch
 from hallupatch.layer_contrast import CandidateSpec, candidate_layers, check_candidate_spec, select_and_contrast
-from hallupatch.methods import Method, register_method
+from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.spec import ModelParts, PassInfo
 
 #: transformers warns below this repetition penalty when decoding with DoLa
@@ -76,7 +76,7 @@ def load_layer_prior(path: Union[str, os.PathLike]) -> dict:
 
 
 @dataclass
-class DoLaConfig:
+class DoLaConfig(MethodConfig):
     """Layer-contrast knobs. Layer indices are hidden-state indices (0 = embedding output, DESIGN §4a).
 
     Args:
@@ -97,7 +97,7 @@ class DoLaConfig:
     early_exit_norm: bool = False
     seed: Optional[int] = None
 
-    def __post_init__(self):
+    def validate(self) -> None:
         self.candidate_layers = check_candidate_spec(self.candidate_layers)
         prior = self.layer_prior
         if isinstance(prior, (str, os.PathLike)):
@@ -337,13 +337,10 @@ def install(patch: Patch, config: DoLaConfig) -> LayerContrast:
 
 
 def get_layer_trace(model) -> LayerContrastTrace:
-    """The premature layers chosen during the latest ``generate()`` of a model patched with ``"dola"``."""
-    from hallupatch.engine import get_patch
+    """The premature layers chosen during the latest ``generate()``: ``hallupatch.get_trace(model, "dola")``."""
+    from hallupatch.api import get_trace
 
-    patch = get_patch(model)
-    if patch is None or "dola" not in patch.methods:
-        raise ValueError("get_layer_trace needs a model patched with layer contrast: hallupatch.apply(model, method='dola')")
-    return patch.methods["dola"].trace
+    return get_trace(model, method="dola")
 
 
 register_method(Method(name="dola", config_cls=DoLaConfig, install=install))

@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 
 from hallupatch.early_exit import head_logits
 from hallupatch.engine import Patch
-from hallupatch.methods import Method, register_method
+from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.spec import ModelParts, PassInfo
 
 TOP_K = 10  # the published method reads the entropy of the top-10 logits
@@ -41,7 +41,7 @@ def _activation_names() -> List[str]:
 
 
 @dataclass
-class MemVRConfig:
+class MemVRConfig(MethodConfig):
     """MemVR knobs. Defaults are the published LLaVA-1.5 MME setting.
 
     Args:
@@ -63,7 +63,7 @@ class MemVRConfig:
     adapter_activation: Optional[str] = None
     early_exit_norm: bool = True
 
-    def __post_init__(self):
+    def validate(self) -> None:
         for name in ("retracing_ratio", "entropy_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -174,7 +174,7 @@ class MemVR:
             patch.hook(self.parts.ffn(layer + 1), self._retrace_hook(layer + 1), with_kwargs=True)
 
     def start_pass(self, info: PassInfo) -> None:
-        memory = self.patch.state.visual_memory
+        memory = self.patch.generation.visual_memory
         if info.is_prefill:
             self.trace = MemVRTrace()
             self._scaled_memory = {}
@@ -237,7 +237,7 @@ class MemVR:
             # Python floats (double): valid whatever device or dtype the model moves to afterwards
             self._weight_means[layer] = (version, tuple(w.abs().double().mean().item() for w in weights))
         in_mean, out_mean = self._weight_means[layer][1]
-        memory = self.patch.state.visual_memory[sample].to(device=x.device, dtype=x.dtype)
+        memory = self.patch.generation.visual_memory[sample].to(device=x.device, dtype=x.dtype)
         memory_mean = memory.abs().to(wide).mean()
         scaled = tuple((mean / memory_mean).to(x.dtype) * memory for mean in (in_mean, out_mean))
         self._scaled_memory[(sample, layer)] = scaled
