@@ -43,7 +43,8 @@ class Candidate:
 class RankedSample:
     """The ranking of one sample's candidates: the best one and every candidate's score.
 
-    ``confidences[i]`` is the scorer's confidence for candidate ``i`` (``None`` when it gave a bare score).
+    ``confidences[i]`` is the scorer's confidence for candidate ``i`` (``None`` when it gave a bare score);
+    ``best`` maximises ``scores[i] * confidences[i]`` (a bare score counts with confidence 1).
     """
 
     index: int
@@ -180,8 +181,8 @@ def _score_of(result: ScorerResult, index: int, position: int) -> Tuple[float, O
         score, confidence = float(result[0]), float(result[1])
     else:
         score, confidence = float(result), None
-    if math.isnan(score) or (confidence is not None and math.isnan(confidence)):
-        raise ValueError(f"scorer returned NaN for sample {index}, candidate {position}")
+    if not math.isfinite(score) or (confidence is not None and not math.isfinite(confidence)):
+        raise ValueError(f"scorer returned a non-finite value (NaN or infinite) for sample {index}, candidate {position}: {result!r}")
     return score, confidence
 
 
@@ -190,7 +191,11 @@ def rank_candidates(
     scorer: Scorer,
     samples: Optional[Sequence[Any]] = None,
 ) -> List[RankedSample]:
-    """Score every candidate and keep the best per sample (the first one on ties).
+    """Score every candidate and keep, per sample, the one with the largest score x confidence.
+
+    As the region-caption paper ranks a region's captions by IoU x mask score (its ``regular_score``;
+    it normalises the IoUs per region first, which does not change the order). A bare score counts with
+    confidence 1; ties go to the first candidate in order.
 
     Args:
         candidates: ``[sample][i]`` candidates, e.g. from :func:`generate_candidates`.
@@ -209,7 +214,8 @@ def rank_candidates(
         sample = samples[index] if samples is not None else index
         scored = [_score_of(scorer(sample, c.caption), index, i) for i, c in enumerate(row)]
         scores = [s for s, _ in scored]
-        best = max(range(len(row)), key=lambda i: (scores[i], -i))
+        ranking = [s * (1.0 if c is None else c) for s, c in scored]
+        best = max(range(len(row)), key=lambda i: (ranking[i], -i))
         ranked.append(
             RankedSample(
                 index=index,

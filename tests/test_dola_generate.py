@@ -220,6 +220,21 @@ def test_seeded_prior_draws_are_reproducible_and_batch_independent(llava):
         assert hallupatch.get_layer_trace(model).layers()[0] == batched[b]
 
 
+def test_mapping_prior_draws_equal_the_list_prior_in_candidate_order(llava):
+    model, processor = llava
+    batch = _inputs(processor, PROMPTS, [0, 1])
+    hallupatch.apply(model, method="dola", candidate_layers=ALL, layer_prior=[0.0, 0.5, 0.0, 0.5], seed=7)
+    _quiet_generate(model, **batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    from_list = hallupatch.get_layer_trace(model).layers()
+    # the mapping form, keys in another order (as estimate_layer_prior returns or layer_prob.json holds)
+    hallupatch.apply(model, method="dola", candidate_layers=ALL, layer_prior={"3": 0.5, "0": 0.0, "1": 0.5, "2": 0.0}, seed=7)
+    assert get_patch(model).methods["dola"].prior.tolist() == [0.0, 0.5, 0.0, 0.5]
+    _quiet_generate(model, **batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert hallupatch.get_layer_trace(model).layers() == from_list
+    with pytest.raises(ValueError, match="not candidates"):
+        hallupatch.apply(model, method="dola", candidate_layers=[0, 1], layer_prior={0: 0.5, 1: 0.2, 2: 0.3})
+
+
 # ---------------------------------------------------------------- batch == single
 def test_batch_equals_single_for_contrast_decoding(llava):
     model, processor = llava

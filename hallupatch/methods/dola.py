@@ -16,13 +16,12 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
 from transformers import LogitsProcessor
@@ -31,12 +30,13 @@ from hallupatch.early_exit import head_logits
 from hallupatch.engine import Patch
 from hallupatch.layer_contrast import CandidateSpec, candidate_layers, check_candidate_spec, select_and_contrast
 from hallupatch.methods import Method, MethodConfig, register_method
+from hallupatch.prior import layer_weights, load_layer_prior
 from hallupatch.spec import ModelParts, PassInfo
 
 #: transformers warns below this repetition penalty when decoding with DoLa
 RECOMMENDED_REPETITION_PENALTY = 1.2
 
-PriorSpec = Union[None, Sequence[float], str, os.PathLike]
+PriorSpec = Union[None, Sequence[float], Mapping[int, float], str, os.PathLike]
 
 
 def tied_embeddings(parts: ModelParts) -> bool:
@@ -57,24 +57,6 @@ def tied_embeddings(parts: ModelParts) -> bool:
     return bool(getattr(text_config, "tie_word_embeddings", False))
 
 
-def load_layer_prior(path: Union[str, os.PathLike]) -> dict:
-    """Read a prior JSON written by ``python -m hallupatch.prior``: ``{layer (int): weight}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"layer prior file not found: {path} (write one with `python -m hallupatch.prior`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        layers, weights = list(data["layers"]), list(data["prior"])
-        if len(layers) != len(weights):
-            raise ValueError(f"{len(layers)} layers but {len(weights)} weights")
-        prior = {int(layer): float(weight) for layer, weight in zip(layers, weights)}
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"{path} is not a layer prior: expected JSON with equal-length lists 'layers' and 'prior' ({err})"
-        ) from None
-    return prior
-
-
 @dataclass
 class DoLaConfig(MethodConfig):
     """Layer-contrast knobs. Layer indices are hidden-state indices (0 = embedding output, DESIGN §4a).
@@ -82,9 +64,12 @@ class DoLaConfig(MethodConfig):
     Args:
         candidate_layers: ``"low"``, ``"high"`` (transformers' rules, DESIGN §4c) or a list of
             hidden-state indices; indices ``>= num_layers`` are dropped as in transformers.
-        layer_prior: ``None`` (pick the most divergent candidate), one weight per candidate, or the
-            path of a prior JSON (``python -m hallupatch.prior``); with a prior the premature layer is
-            sampled from ``softmax(softmax(d) + prior)``.
+        layer_prior: ``None`` (pick the most divergent candidate); one weight per candidate, in the
+            order of the candidate layers; a ``{layer: weight}`` mapping (as
+            :func:`hallupatch.estimate_layer_prior` returns; keys may be digit strings) with exactly the
+            candidate layers; or the path of a prior JSON (``python -m hallupatch.prior``'s, or the
+            region-caption paper's ``layer_prob.json``), read as such a mapping. With a prior the
+            premature layer is sampled from ``softmax(softmax(d) + prior)``. Weights must be finite.
         early_exit_norm: apply the final norm before the LM head on the candidate layers (``False``,
             as transformers' DoLa and the published code do).
         seed: with a prior, seed the layer draws: every sample gets its own generator seeded with
@@ -103,13 +88,17 @@ class DoLaConfig(MethodConfig):
         if isinstance(prior, (str, os.PathLike)):
             if not Path(prior).is_file():
                 raise FileNotFoundError(f"layer prior file not found: {prior} (write one with `python -m hallupatch.prior`)")
+        elif isinstance(prior, Mapping):
+            self.layer_prior = layer_weights(prior.items())
         elif prior is not None:
             if isinstance(prior, torch.Tensor):
                 prior = prior.tolist()
             try:
                 values = [float(w) for w in prior]
             except (TypeError, ValueError):
-                raise ValueError(f"layer_prior must be None, a list of numbers or a JSON path; got {prior!r}") from None
+                raise ValueError(
+                    f"layer_prior must be None, a list of numbers, a {{layer: weight}} mapping or a JSON path; got {prior!r}"
+                ) from None
             if not values or not all(math.isfinite(w) for w in values):
                 raise ValueError(f"layer_prior weights must be finite numbers, one per candidate layer; got {prior!r}")
             self.layer_prior = values
@@ -127,13 +116,21 @@ class DoLaConfig(MethodConfig):
         prior = self.layer_prior
         if prior is None:
             return None
-        if isinstance(prior, (str, os.PathLike)):
-            table = load_layer_prior(prior)
+        if isinstance(prior, (str, os.PathLike, Mapping)):
+            from_file = not isinstance(prior, Mapping)
+            table = load_layer_prior(prior) if from_file else prior
+            problems = []
             missing = [layer for layer in layers if layer not in table]
             if missing:
+                problems.append(f"no weight for candidate layer(s) {missing}")
+            extra = sorted(set(table) - set(layers))
+            if extra:
+                problems.append(f"weights for layer(s) {extra} that are not candidates")
+            if problems:
+                source = f"layer prior {prior}" if from_file else "the layer_prior mapping"
                 raise ValueError(
-                    f"layer prior {prior} has no weight for candidate layer(s) {missing}; it covers layers "
-                    f"{sorted(table)}; choose candidate_layers among those"
+                    f"{source} has {' and '.join(problems)}: it covers layers {sorted(table)} but the candidate "
+                    f"layers are {list(layers)}; set candidate_layers={sorted(table)} (or give one weight per candidate)"
                 )
             return torch.tensor([table[layer] for layer in layers], dtype=torch.float32)
         if len(prior) != len(layers):
