@@ -22,6 +22,7 @@ def _map_source_checkout(name: str, folder: str) -> None:
 
 
 from hallupatch.api import apply, get_trace, patched, remove, set_visual_memory  # noqa: E402
+from hallupatch.compat import make_generate_compatible  # noqa: E402
 from hallupatch.early_exit import early_exit_logits  # noqa: E402
 from hallupatch.methods.memvr import MemVRConfig  # noqa: E402
 from hallupatch.methods.dola import DoLaConfig, get_layer_trace  # noqa: E402
@@ -33,6 +34,6 @@ _map_source_checkout("patches", "patches")
 __all__ = [
     "apply", "remove", "patched", "MemVRConfig", "early_exit_logits", "set_visual_memory", "get_trace",
     "DoLaConfig", "get_layer_trace", "generate_candidates", "rank_candidates", "mask_iou", "estimate_layer_prior",
-    "Candidate", "RankedSample",
+    "Candidate", "RankedSample", "make_generate_compatible",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from hallupatch.compat import PREPARE, generation_inputs_wrapper
 from hallupatch.spec import ModelParts, PassInfo, bind_call
 
 PATCH_ATTRIBUTE = "_hallupatch"
@@ -101,6 +102,11 @@ class Patch:
 
     # -- engine hooks ---------------------------------------------------------------------------
     def _install_engine_hooks(self) -> None:
+        # generate() must work on a patched model even where the model's forward predates an input that
+        # transformers' generation passes (the original LLaVA's forward and cache_position): hallupatch.compat
+        generation_inputs = generation_inputs_wrapper(self.model)
+        if generation_inputs is not None:
+            self.wrap(self.model, PREPARE, generation_inputs)
         self.hook(self.model, self._remember_input_ids, pre=True, with_kwargs=True)
         if self.parts.visual is not None:
             self.hook(self.parts.visual, self._capture_visual_tokens)
