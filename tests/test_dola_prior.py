@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +360,24 @@ def test_readme_prior_example_runs(capsys):
     assert "layer_prob.json" in code
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.startswith("[[")
+
+
+def test_eval_cli_reads_the_published_layer_prob_json(tmp_path, monkeypatch):
+    from hallupatch.eval import cli
+
+    layer_prob = tmp_path / "layer_prob.json"
+    layer_prob.write_text(json.dumps({"0": 0.25, "2": 0.75}, indent=2))
+    seen = []
+    real_prior_for = DoLaConfig.prior_for
+
+    def spy(self, layers):
+        prior = real_prior_for(self, layers)
+        seen.append((list(layers), prior.tolist()))
+        return prior
+
+    monkeypatch.setattr(DoLaConfig, "prior_for", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # layer contrast's repetition-penalty advice
+        cli.run(["mme", "--output", str(tmp_path / "out"), "--method", "dola", "--candidate-layers", "0,2",
+                 "--layer-prior", str(layer_prob), "--limit", "2", "--max-new-tokens", "1", "--no-progress"])
+    assert seen and all(entry == ([0, 2], [0.25, 0.75]) for entry in seen)
