@@ -198,7 +198,7 @@ def test_published_sampled_captions_layout_hand_computed_with_ties_and_unbounded
     [
         ([{"image_id": "1", "layer": 0, "iou": 3.0}], "no 'sam_score'"),
         ([{"image_id": "1", "layer": 0, "iou": 3.0, "sam_score": 0.4}, {"layer": 1}], "entry 1 has no 'image_id'"),
-        (_region("1", [0, 0], [1.0, 2.0], [0.4, 0.4]), "region 0 .*image_id '1'.*layer 0 appears twice"),
+        (_region("1", [0, 0], [1.0, 2.0], [0.4, 0.4]), "region 0 .*image_id '1'.*a layer appears twice.*group_size"),
         ([_region("1", [0], [1.0], [0.4]), {"image_id": "2"}], "entry 1 is not a list"),
         ([_region("1", [0, 1], [0.0, 0.0], [0.4, 0.4])], "region 0 .*IoU 0"),
     ],
@@ -206,6 +206,27 @@ def test_published_sampled_captions_layout_hand_computed_with_ties_and_unbounded
 def test_published_layout_errors_name_the_region(scored, message):
     with pytest.raises(ValueError, match=message):
         hallupatch.estimate_layer_prior(scored)
+
+
+def test_group_size_splits_consecutive_regions_of_one_image_as_the_script_does():
+    # two regions of image 5 back to back: (layers 0, 1 -> keep 0 with 0.75) and (layers 1, 0 -> keep 0 with 0.5 x 0.5)
+    back_to_back = _region("5", [0, 1], [3.0, 1.0], [1.0, 1.0]) + _region("5", [1, 0], [1.0, 1.0], [0.25, 0.5])
+    with pytest.raises(ValueError, match="layer appears twice.*give group_size"):
+        hallupatch.estimate_layer_prior(back_to_back)
+    prior = hallupatch.estimate_layer_prior(back_to_back, group_size=2)
+    assert prior == {0: 1.0, 1: 0.0}
+    # distinct layers cannot be told apart from one bigger region without it: 4 candidates, one kept
+    merged = _region("5", [0, 1], [3.0, 1.0], [1.0, 1.0]) + _region("5", [2, 3], [1.0, 3.0], [1.0, 1.0])
+    assert hallupatch.estimate_layer_prior(merged) == {0: 1.0, 1: 0.0, 2: 0.0, 3: 0.0}
+    assert hallupatch.estimate_layer_prior(merged, group_size=2) == {0: 0.5, 1: 0.0, 2: 0.0, 3: 0.5}
+    with pytest.raises(ValueError, match="do not make whole regions of 3.*drop the last 1"):
+        hallupatch.estimate_layer_prior(merged, group_size=3)
+    with pytest.raises(ValueError, match="change image_id from '5' to '6'"):
+        hallupatch.estimate_layer_prior(back_to_back[:1] + _region("6", [1], [1.0], [1.0]), group_size=2)
+    with pytest.raises(ValueError, match="flat sampled_captions.json layout only"):
+        hallupatch.estimate_layer_prior(HAND_EXAMPLE, group_size=2)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        hallupatch.estimate_layer_prior(merged, group_size=0)
 
 
 def test_prior_cli_reads_the_published_file_and_layer_prob_json_loads(tmp_path, capsys):
@@ -216,6 +237,13 @@ def test_prior_cli_reads_the_published_file_and_layer_prob_json_loads(tmp_path, 
     assert "0.5682" in capsys.readouterr().out       # layer 7: 0.75 / 1.32
     data = json.loads(out.read_text())
     assert data["layers"] == [0, 1, 2, 3, 5, 7] and data["num_samples"] == 4
+    # --group-size: the script's fixed grouping (here 2 regions of 2 candidates of one image)
+    paired = tmp_path / "paired.json"
+    paired.write_text(json.dumps(_region("5", [0, 1], [3.0, 1.0], [1.0, 1.0]) + _region("5", [2, 3], [1.0, 3.0], [1.0, 1.0])))
+    assert prior_main([str(paired), "-o", str(out), "--group-size", "2"]) == 0
+    assert json.loads(out.read_text())["prior"] == [0.5, 0.0, 0.0, 0.5]
+    capsys.readouterr()
+    assert "integer >= 1" in _cli_error([paired, "-o", out, "--group-size", "0"], capsys)
     # the script's layer_prob.json: {"0": p0, ...}, keys as strings, loadable as a prior as it is
     layer_prob = tmp_path / "layer_prob.json"
     layer_prob.write_text(json.dumps({"0": 0.25, "1": 0.125, "2": 0.625}, indent=2))

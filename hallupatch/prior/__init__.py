@@ -90,8 +90,13 @@ def _is_published_entry(entry: Any) -> bool:
     return isinstance(entry, Mapping) and "image_id" in entry and "candidates" not in entry
 
 
-def scored_samples(scored: Any) -> List[ScoredSample]:
-    """The samples of any scored layout (module docstring), validated; ``ValueError`` naming the sample."""
+def scored_samples(scored: Any, group_size: Optional[int] = None) -> List[ScoredSample]:
+    """The samples of any scored layout (module docstring), validated; ``ValueError`` naming the sample.
+
+    ``group_size``: for the flat ``sampled_captions.json`` only, every ``group_size`` consecutive
+    entries are one region, as ``calculate_prob.py`` groups them (``idx % 4``); needed only where two
+    regions of one image follow each other. ``None``: one region per run of one ``image_id``.
+    """
     if isinstance(scored, Mapping) and "samples" in scored:
         scored = scored["samples"]
     if not isinstance(scored, (list, tuple)):
@@ -102,6 +107,8 @@ def scored_samples(scored: Any) -> List[ScoredSample]:
     if not scored:
         raise ValueError("no scored samples: the prior needs at least one sample with candidates")
     first = scored[0]
+    if group_size is not None and not _is_published_entry(first):
+        raise ValueError("group_size applies to the flat sampled_captions.json layout only; this file groups its candidates itself")
     if isinstance(first, (list, tuple)):  # scores_*.json: one list of candidates per region
         samples = []
         for index, group in enumerate(scored):
@@ -112,19 +119,7 @@ def scored_samples(scored: Any) -> List[ScoredSample]:
             samples.append(_sample(where, group, PUBLISHED_CONFIDENCE, None))
         return samples
     if _is_published_entry(first):  # sampled_captions.json: consecutive entries of one image_id
-        runs: List[List[Mapping[str, Any]]] = []
-        for index, entry in enumerate(scored):
-            if not _is_published_entry(entry):
-                raise ValueError(f"entry {index} has no 'image_id', unlike entry 0; use one layout per file")
-            if runs and runs[-1][0]["image_id"] == entry["image_id"]:
-                runs[-1].append(entry)
-            else:
-                runs.append([entry])
-        return [
-            _sample(f"region {index} (image_id {run[0]['image_id']!r}, entries from {sum(map(len, runs[:index]))})",
-                    run, PUBLISHED_CONFIDENCE, None)
-            for index, run in enumerate(runs)
-        ]
+        return _published_regions(scored, group_size)
     samples = []
     for index, sample in enumerate(scored):
         if not isinstance(sample, Mapping):
@@ -135,18 +130,60 @@ def scored_samples(scored: Any) -> List[ScoredSample]:
     return samples
 
 
-def estimate_layer_prior(scored: Any) -> Dict[int, float]:
+def _published_regions(entries: Sequence[Any], group_size: Optional[int]) -> List[ScoredSample]:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be an integer >= 1 (candidates per region); got {group_size!r}")
+    regions: List[List[Mapping[str, Any]]] = []
+    starts: List[int] = []
+    for index, entry in enumerate(entries):
+        if not _is_published_entry(entry):
+            raise ValueError(f"entry {index} has no 'image_id', unlike entry 0; use one layout per file")
+        same_image = bool(regions) and regions[-1][0]["image_id"] == entry["image_id"]
+        if group_size is not None:
+            if index % group_size:
+                if not same_image:
+                    raise ValueError(
+                        f"entries {starts[-1]}..{index} should be one region (group_size {group_size}) but change "
+                        f"image_id from {regions[-1][0]['image_id']!r} to {entry['image_id']!r}; check group_size"
+                    )
+                regions[-1].append(entry)
+                continue
+        elif same_image:
+            regions[-1].append(entry)
+            continue
+        regions.append([entry])
+        starts.append(index)
+    if group_size is not None and len(entries) % group_size:
+        raise ValueError(
+            f"{len(entries)} entries do not make whole regions of {group_size} candidates (calculate_prob.py "
+            f"would drop the last {len(entries) % group_size}); check group_size or the file"
+        )
+    samples = []
+    for index, (region, start) in enumerate(zip(regions, starts)):
+        where = f"region {index} (image_id {region[0]['image_id']!r}, entries from {start})"
+        layers = [entry.get("layer") for entry in region]
+        if group_size is None and any(layers.count(layer) > 1 for layer in layers):
+            raise ValueError(
+                f"{where}: a layer appears twice in one run of image_id entries ({layers}); if two regions of one "
+                "image follow each other, give group_size (--group-size), the candidates per region"
+            )
+        samples.append(_sample(where, region, PUBLISHED_CONFIDENCE, None))
+    return samples
+
+
+def estimate_layer_prior(scored: Any, group_size: Optional[int] = None) -> Dict[int, float]:
     """The layer-importance prior ``{layer: weight}`` (weights sum to 1) from scored samples.
 
     ``scored``: any layout of :func:`scored_samples` (e.g. ``[r.to_scored() for r in ranked]``, or the
-    region-caption paper's ``sampled_captions.json`` as loaded by ``json.load``). Every layer that
+    region-caption paper's ``sampled_captions.json`` as loaded by ``json.load``; ``group_size`` as
+    there). Every layer that
     appears is listed, in ascending order, with weight 0 when it was never kept (the paper's script
     lists only kept layers). Raises ``ValueError`` naming the sample for: no candidates, a repeated
     layer, a negative or non-finite score or confidence, scores that are all zero (nothing to normalise;
     drop that sample); and when every kept product is zero.
     """
     totals: Dict[int, float] = {}
-    for sample in scored_samples(scored):
+    for sample in scored_samples(scored, group_size):
         total_score = sum(sample.scores)
         if total_score == 0.0:
             raise ValueError(

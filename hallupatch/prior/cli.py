@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("scored", type=Path, help="JSON of scored candidates (layer, iou, confidence or sam_score)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="where to write prior.json")
+    parser.add_argument("--group-size", type=int, metavar="N",
+                        help="sampled_captions.json only: every N consecutive entries are one region, as "
+                             "calculate_prob.py groups them (4 there); default: one region per run of one image_id")
     return parser
 
 
@@ -44,10 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:  # not UTF-8, not JSON, nested too deeply: the message names the file
         fail(str(err))
     try:
-        prior = estimate_layer_prior(scored)
+        prior = estimate_layer_prior(scored, group_size=args.group_size)
     except ValueError as err:
         fail(f"{args.scored}: {err}")
-    text = json.dumps(prior_to_json(prior, len(scored_samples(scored))), indent=2) + "\n"
+    text = json.dumps(prior_to_json(prior, len(scored_samples(scored, args.group_size))), indent=2) + "\n"
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text, encoding="utf-8")
