@@ -120,7 +120,9 @@ def read_id_text_answers(path: Union[str, Path], id_key: str = "question_id",
 _PROMPT_NOISE = re.compile(r"Answer the question using a single word or phrase\.|Please answer yes or no\.")
 
 
-def _norm_prompt(text: str) -> str:
+def normalized_prompt(text: str) -> str:
+    """A question's text without the recipes' answer-style suffixes and with whitespace collapsed (for
+    matching answers made elsewhere to the loaded questions)."""
     return " ".join(_PROMPT_NOISE.sub(" ", text).split())
 
 
@@ -156,7 +158,7 @@ def match_llava_answers(path: Path, questions: Sequence[Question]) -> Dict[str, 
             target = by_qid[qid]
         elif qid in by_plain and len(by_plain[qid]) == 1:
             target = by_plain[qid][0]  # POPE numbers every split 1..N: the prompt, when given, must agree
-            if "prompt" in row and _norm_prompt(target.question) != _norm_prompt(str(row["prompt"])):
+            if "prompt" in row and normalized_prompt(target.question) != normalized_prompt(str(row["prompt"])):
                 raise DataError(
                     f"{where}: question {qid!r} asks {str(row['prompt'])[:80]!r} but question {qid} of split "
                     f"{target.group!r} asks {target.question[:80]!r}; score the split these answers belong to (--splits)"
@@ -169,7 +171,7 @@ def match_llava_answers(path: Path, questions: Sequence[Question]) -> Dict[str, 
         else:
             candidates = [q for q in by_image.get(_image_key(qid), []) if q.qid not in texts]
             if "prompt" in row:
-                candidates = [q for q in candidates if _norm_prompt(q.question) == _norm_prompt(str(row["prompt"]))]
+                candidates = [q for q in candidates if normalized_prompt(q.question) == normalized_prompt(str(row["prompt"]))]
             if not candidates:
                 raise DataError(f"{where}: question {qid!r} matches no unanswered question of the loaded data")
             target = candidates[0]

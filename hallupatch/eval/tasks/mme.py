@@ -32,12 +32,14 @@ def _mme_subtask_dirs(root: Path) -> List[Path]:
     return sorted(found, key=lambda d: _subtask_order(d.name))
 
 
-def load_mme_folder(root: Union[str, Path]) -> List[Question]:
+def load_mme_folder(root: Union[str, Path], need_images: bool = True) -> List[Question]:
     """MME from the released folder (``MME_Benchmark_release_version`` or its parent).
 
     Two layouts per subtask, as released: ``<subtask>/images/<img>`` with
     ``<subtask>/questions_answers_YN/<stem>.txt``, or image and ``<stem>.txt`` side by side in
     ``<subtask>/``. Each txt line is ``question<TAB>Yes|No`` (two lines per image).
+    ``need_images=False`` (scoring answers made elsewhere): images may be absent; an absent image is
+    named by its question file's stem.
     """
     root = Path(root)
     if not root.is_dir():
@@ -54,15 +56,16 @@ def load_mme_folder(root: Union[str, Path]) -> List[Question]:
     for sub in subtasks:
         if (sub / "questions_answers_YN").is_dir():
             qa_dir, image_dir = sub / "questions_answers_YN", sub / "images"
-            if not image_dir.is_dir():
+            if not image_dir.is_dir() and need_images:
                 raise DataError(f"{sub}: has questions_answers_YN/ but no images/ folder")
         else:
             qa_dir = image_dir = sub
-        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS} if image_dir.is_dir() else {}
         for txt in sorted(qa_dir.glob("*.txt")):
             image = images.get(txt.stem)
-            if image is None:
+            if image is None and need_images:
                 raise DataError(f"{txt}: image not found: no {txt.stem}.<jpg|png|...> in {image_dir}")
+            image = image or image_dir / txt.stem
             k = 0
             with open(txt, encoding="utf-8") as f:
                 for number, line in enumerate(f, 1):
@@ -117,11 +120,12 @@ def _open_dataset(path: str):
     return ds
 
 
-def load_mme_dataset(path: Union[str, Path]) -> List[Question]:
+def load_mme_dataset(path: Union[str, Path], need_images: bool = True) -> List[Question]:
     """MME from a ``datasets`` dataset with the ``lmms-lab/MME`` columns
     (``question_id, image, question, answer, category``): a ``save_to_disk`` folder, parquet/arrow
     files (e.g. the hub repository's ``data/`` folder) or a hub name resolved through the local cache.
-    ``question_id`` names the image (``<subtask>/<file>``), shared by its two questions."""
+    ``question_id`` names the image (``<subtask>/<file>``), shared by its two questions.
+    ``need_images=False``: rows without a usable image are kept (scoring answers made elsewhere)."""
     import datasets
 
     path = str(path)
@@ -136,11 +140,8 @@ def load_mme_dataset(path: Union[str, Path]) -> List[Question]:
     questions = []
     for row_index, row in enumerate(meta):
         where = f"{path} row {row_index}"
-        raw = row["image"]
-        if raw is None or (isinstance(raw, dict) and raw.get("bytes") is None and not raw.get("path")):
-            raise DataError(f"{where}: no image")
-        if isinstance(raw, dict) and raw.get("bytes") is None and not Path(raw["path"]).exists():
-            raise DataError(f"{where}: image not found: {raw['path']}")
+        if need_images:
+            _check_dataset_image(row["image"], where)
         image_id = str(row["question_id"])
         k = seen[image_id]
         seen[image_id] += 1
@@ -160,6 +161,13 @@ def load_mme_dataset(path: Union[str, Path]) -> List[Question]:
     return sorted(questions, key=lambda q: order[q.group])  # stable: keeps the dataset's order within a subtask
 
 
+def _check_dataset_image(raw, where: str) -> None:
+    if raw is None or (isinstance(raw, dict) and raw.get("bytes") is None and not raw.get("path")):
+        raise DataError(f"{where}: no image")
+    if isinstance(raw, dict) and raw.get("bytes") is None and not Path(raw["path"]).exists():
+        raise DataError(f"{where}: image not found: {raw['path']}")
+
+
 class _DatasetImage:
     """Decodes one row's image on demand (keeps the dataset out of memory until needed)."""
 
@@ -177,12 +185,12 @@ class _DatasetImage:
         return img
 
 
-def load_mme(path: Union[str, Path]) -> List[Question]:
+def load_mme(path: Union[str, Path], need_images: bool = True) -> List[Question]:
     """MME from the released folder layout, or else from a ``datasets`` dataset (see both loaders)."""
     p = Path(path)
     if p.is_dir() and ((p / MME_RELEASE_FOLDER).is_dir() or _mme_subtask_dirs(p)):
-        return load_mme_folder(p)
-    return load_mme_dataset(path)
+        return load_mme_folder(p, need_images)
+    return load_mme_dataset(path, need_images)
 
 
 def write_mme_tool_files(folder: Path, questions: Sequence[Question], texts: Mapping[str, str]) -> List[Path]:
@@ -219,7 +227,7 @@ class MME(Task):
         return sample.write_mme_sample(work_dir / "sample_data"), f"embedded:mme-sample-v{sample.SAMPLE_VERSION}"
 
     def load(self, data, recipe, out_dir, answers):
-        return load_mme(data)
+        return load_mme(data, need_images=answers is None)
 
     def read_answers(self, path, questions):
         return match_llava_answers(path, questions)

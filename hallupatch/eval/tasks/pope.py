@@ -1,17 +1,26 @@
 """POPE (Li et al. 2023): "Is there a <object> in the image?" on COCO images, random / popular /
 adversarial splits, scored with the parsing of LLaVA's ``llava/eval/eval_pope.py`` (POPE's own rules).
+
+Answers made elsewhere (``--answers``) need no images. LLaVA's own layout works as it is: the data
+folder holds the label files ``coco_pope_<split>.json`` and LLaVA's question file
+``llava_pope_test.jsonl`` (global ``question_id``, ``image``, ``text``, ``category`` = the split), and its
+answers JSONL names those global ids; each answer is matched to its label by (split, image, question
+text), never by position (``eval_pope.py`` zips them in file order, which is the same on LLaVA's files).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from hallupatch.eval.data import DataError, Question, json_lines, match_llava_answers, yes_no_label
+from hallupatch.eval.data import DataError, Question, json_lines, match_llava_answers, normalized_prompt, yes_no_label
 from hallupatch.eval.scoring import POPE_SPLITS, POPERecord, parse_pope_answer, score_pope
 from hallupatch.eval.tasks import Task, answered_questions, partial_note, register_task, with_counts
 
 POPE_KEYS = ("question_id", "image", "text", "label")
+LLAVA_QUESTION_FILE = "llava_pope_test.jsonl"   # LLaVA's POPE question file (global ids, split as category)
+LLAVA_QUESTION_KEYS = ("question_id", "image", "text", "category")
 
 
 def _pope_split_of(file: Path) -> str:
@@ -52,26 +61,29 @@ def pope_question_files(data: Union[str, Path], splits: Optional[Sequence[str]] 
 
 
 def load_pope(
-    data: Union[str, Path], image_folder: Optional[Union[str, Path]] = None, splits: Optional[Sequence[str]] = None
+    data: Union[str, Path], image_folder: Optional[Union[str, Path]] = None, splits: Optional[Sequence[str]] = None,
+    need_images: bool = True,
 ) -> List[Question]:
     """POPE questions from the split files (JSON lines: ``question_id, image, text, label``) and the
-    folder of COCO images they name (``--image-folder``; default ``<data>/images`` or ``<data>/val2014``)."""
+    folder of COCO images they name (``--image-folder``; default ``<data>/images`` or ``<data>/val2014``).
+
+    ``need_images=False`` (scoring answers made elsewhere): no image folder is needed or checked.
+    """
     files = pope_question_files(data, splits)
     base = Path(data) if Path(data).is_dir() else Path(data).parent
     if image_folder is None:
         image_folder = next((base / n for n in ("images", "val2014") if (base / n).is_dir()), None)
-        if image_folder is None:
+        if image_folder is None and need_images:
             raise DataError(f"POPE needs the COCO val2014 images: pass --image-folder DIR (no {base}/images or {base}/val2014)")
-    image_folder = Path(image_folder)
-    if not image_folder.is_dir():
+    if need_images and not Path(image_folder).is_dir():
         raise DataError(f"POPE image folder not found: {image_folder}")
     questions = []
     for split, file in files.items():
         for where, row in json_lines(file):
             if any(k not in row for k in POPE_KEYS):
                 raise DataError(f"{where}: a POPE question needs keys {list(POPE_KEYS)}; got {json.dumps(row)[:120]!r}")
-            image = image_folder / str(row["image"])
-            if not image.is_file():
+            image = Path(image_folder or base) / str(row["image"])
+            if need_images and not image.is_file():
                 raise DataError(f"{where}: image not found: {image}")
             questions.append(
                 Question(
@@ -88,28 +100,95 @@ def load_pope(
     return questions
 
 
+def read_llava_pope_questions(path: Union[str, Path]) -> Dict[str, Tuple[str, str, str]]:
+    """LLaVA's ``llava_pope_test.jsonl``: ``{question_id: (split, image, question text)}``."""
+    questions: Dict[str, Tuple[str, str, str]] = {}
+    for where, row in json_lines(path):
+        if any(k not in row for k in LLAVA_QUESTION_KEYS):
+            raise DataError(f"{where}: a line of LLaVA's POPE question file needs keys {list(LLAVA_QUESTION_KEYS)}; "
+                            f"got {json.dumps(row)[:120]!r}")
+        qid = str(row["question_id"])
+        if qid in questions:
+            raise DataError(f"{where}: question_id {qid} appears twice")
+        questions[qid] = (str(row["category"]), str(row["image"]), str(row["text"]))
+    return questions
+
+
+def match_llava_pope_answers(path: Union[str, Path], questions: Sequence[Question],
+                             llava_questions: Dict[str, Tuple[str, str, str]], question_file: str = LLAVA_QUESTION_FILE
+                             ) -> Dict[str, str]:
+    """``{question id: text}`` for an answers JSONL whose ids are LLaVA's global POPE ids (or ours).
+
+    Each answer's id is looked up in LLaVA's question file, then matched to the loaded label with the
+    same (split, image, question text), the question text compared without LLaVA's answer-style suffix.
+    """
+    by_key: Dict[Tuple[str, str, str], List[Question]] = defaultdict(list)
+    for q in questions:
+        by_key[(q.group, q.image_name, normalized_prompt(q.question))].append(q)
+    own = {q.qid for q in questions}
+    texts: Dict[str, str] = {}
+    for where, row in json_lines(path):
+        if "question_id" not in row or "text" not in row:
+            raise DataError(f"{where}: an answer line needs 'question_id' and 'text'")
+        qid, text = str(row["question_id"]), str(row["text"])
+        if qid in own:   # this tool's own answers.jsonl
+            texts.setdefault(qid, text)
+            continue
+        if qid not in llava_questions:
+            raise DataError(f"{where}: question_id {qid} is not in {question_file}")
+        split, image, question = llava_questions[qid]
+        if "prompt" in row and normalized_prompt(str(row["prompt"])) != normalized_prompt(question):
+            raise DataError(f"{where}: the answer's prompt {str(row['prompt'])[:80]!r} is not question {qid}'s "
+                            f"text {question[:80]!r} in {question_file}")
+        candidates = [q for q in by_key.get((split, image, normalized_prompt(question)), []) if q.qid not in texts]
+        if not candidates:
+            loaded = sorted({q.group for q in questions})
+            raise DataError(f"{where}: question {qid} (split {split!r}, image {image}, {question[:60]!r}) matches no "
+                            f"unanswered question of the loaded POPE labels (splits {loaded})")
+        texts[candidates[0].qid] = text
+    return texts
+
+
 @register_task
 class POPE(Task):
     name = "pope"
     title = "POPE"
     summary = "POPE object existence (yes/no) per split, scored as LLaVA's eval_pope.py"
     data_help = ("a folder with coco_pope_{random,popular,adversarial}.json (JSON lines: question_id, image, "
-                 "text, label) and --image-folder with the COCO val2014 images")
+                 "text, label) and --image-folder with the COCO val2014 images; with --answers no images, and "
+                 f"LLaVA's {LLAVA_QUESTION_FILE} in the folder (or --question-file) maps LLaVA's global ids")
 
     @classmethod
     def add_arguments(cls, group):
         group.add_argument("--image-folder", help="the COCO val2014 images (default: DATA/images or DATA/val2014)")
         group.add_argument("--splits", nargs="+", choices=list(POPE_SPLITS), help="splits (default: all found)")
+        group.add_argument("--question-file", help=f"with --answers: LLaVA's POPE question file (default: DATA/"
+                           f"{LLAVA_QUESTION_FILE} when present), whose global ids the answers use")
 
     def settings(self):
         folder = self.args.image_folder
         return {"image_folder": str(Path(folder).resolve()) if folder else None, "splits": self.args.splits}
 
     def load(self, data, recipe, out_dir, answers):
-        return load_pope(data, self.args.image_folder, self.args.splits)
+        if getattr(self.args, "question_file", None) and answers is None:
+            raise ValueError("--question-file maps the ids of an answers file made elsewhere: use it with --answers")
+        self.data = Path(data)
+        return load_pope(data, self.args.image_folder, self.args.splits, need_images=answers is None)
+
+    def _llava_question_file(self) -> Optional[Path]:
+        given = getattr(self.args, "question_file", None)
+        if given:
+            if not Path(given).is_file():
+                raise DataError(f"--question-file not found: {given}")
+            return Path(given)
+        default = (self.data if self.data.is_dir() else self.data.parent) / LLAVA_QUESTION_FILE
+        return default if default.is_file() else None
 
     def read_answers(self, path, questions):
-        return match_llava_answers(path, questions)
+        question_file = self._llava_question_file()
+        if question_file is None:
+            return match_llava_answers(path, questions)
+        return match_llava_pope_answers(path, questions, read_llava_pope_questions(question_file), str(question_file))
 
     def score(self, questions, texts):
         answered = answered_questions(questions, texts)
