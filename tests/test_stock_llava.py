@@ -147,3 +147,65 @@ def test_the_wrapper_follows_a_deep_copy(checkpoint):
         twin.lm_head.weight.add_(1.0)           # the copy's weights, not the original's, decide its output
     assert not torch.equal(_generate(twin).logits[0], _generate(stock).logits[0])
 
+
+
+# ---------------------------------------------------------------- the eval backend for original checkpoints
+def _fake_llava_package(monkeypatch):
+    """The two helpers of the ``llava`` package the backend calls, for the stand-in (images become
+    24-dimensional "CLIP features", 5 per image)."""
+    import sys
+    import types
+
+    import numpy as np
+
+    def tokenizer_image_token(prompt, tokenizer, image_token_index, return_tensors=None):
+        before, after = prompt.split("<image>")
+        ids = tokenizer(before).input_ids + [image_token_index] + tokenizer(after, add_special_tokens=False).input_ids
+        return torch.tensor(ids)
+
+    def process_images(images, image_processor, config):
+        return torch.stack([torch.from_numpy(np.asarray(im.convert("L").resize((24, 5)), dtype=np.float32) / 255)
+                            for im in images])
+
+    constants = types.ModuleType("llava.constants")
+    constants.IMAGE_TOKEN_INDEX = ORIGINAL_LLAVA_IMAGE_TOKEN
+    mm_utils = types.ModuleType("llava.mm_utils")
+    mm_utils.tokenizer_image_token, mm_utils.process_images = tokenizer_image_token, process_images
+    package = types.ModuleType("llava")
+    package.constants, package.mm_utils = constants, mm_utils
+    for name, module in (("llava", package), ("llava.constants", constants), ("llava.mm_utils", mm_utils)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_eval_backend_for_original_checkpoints_answers_with_method_none(tmp_path, monkeypatch):
+    import json
+
+    from transformers import LlamaConfig
+
+    from hallupatch.eval import cli, models
+    from hallupatch.testing.tiny import tiny_image, tiny_tokenizer
+
+    _fake_llava_package(monkeypatch)
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, mm_hidden_size=24)
+    path = tmp_path / "ckpt"
+    saved_and_reloaded(StockLlavaLlamaForCausalLM(config), StockLlavaLlamaForCausalLM, path)
+    images = tmp_path / "val2014"
+    images.mkdir()
+    rows = []
+    for i in range(2):
+        tiny_image(i).save(images / f"COCO_val2014_{i:012d}.jpg")
+        rows.append({"question_id": i + 1, "image": f"COCO_val2014_{i:012d}.jpg", "text": "is there a circle in the image ?",
+                     "label": "yes"})
+    (tmp_path / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def answers(cls, out):
+        backend = models.OriginalLlavaBackend(_load(cls, path), tokenizer, None, models.RECIPES["llava"], cls.__name__)
+        cli.run(["pope", "--data", str(tmp_path), "--image-folder", str(images), "--output", str(tmp_path / out),
+                 "--method", "none", "--max-new-tokens", "3", "--no-progress"], backend=backend)
+        return [json.loads(line)["text"] for line in (tmp_path / out / "answers.jsonl").read_text().splitlines()]
+
+    edited = answers(EditedLlavaLlamaForCausalLM, "edited")
+    assert answers(StockLlavaLlamaForCausalLM, "stock") == edited and len(edited) == 2

@@ -199,7 +199,10 @@ class OriginalLlavaBackend(Backend):
 
 
     def __init__(self, model, tokenizer, image_processor, recipe: Recipe, name: str):
-        super().__init__(model, recipe, name)
+        import hallupatch
+
+        # the unedited llava package's forward lacks the cache_position that transformers' generate passes
+        super().__init__(hallupatch.make_generate_compatible(model), recipe, name)
         self.tokenizer, self.image_processor = tokenizer, image_processor
 
     def generate(self, questions, max_new_tokens):
