@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hallupatch.eval import harness, models, sample
 from hallupatch.eval.data import DataError
+from hallupatch.eval.decoding import GREEDY, Decoding
 from hallupatch.eval.store import StoreError
 from hallupatch.eval.tasks import Task, get_task, registered_tasks
 
@@ -91,6 +92,14 @@ def _shared_options() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, help="default: the benchmark's published value, else the recipe's")
     g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
+    d = p.add_argument_group("decoding (default: greedy; recorded in run.json)")
+    d.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    d.add_argument("--temperature", type=float, help="with --do-sample (default: the checkpoint's generation config)")
+    d.add_argument("--top-p", type=float, help="with --do-sample: nucleus sampling mass, in (0, 1]")
+    d.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1)")
+    d.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1.0 = none)")
+    d.add_argument("--seed", type=int, help="seed Python, NumPy and torch before each method answers (CHAIR: also "
+                   "the seed of its image sample, default 0)")
     g.add_argument("--answers", help="score this answers file made elsewhere (LLaVA's JSONL: question_id, text) "
                    "without a model")
     g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output instead of resuming it")
@@ -210,6 +219,11 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     out = Path(args.output)
 
     data, data_setting = _data(task, args, out)
+    decoding = Decoding(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                        num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.answers and decoding != GREEDY:
+        raise ValueError("the decoding options (--do-sample, --temperature, --top-p, --num-beams, "
+                         "--repetition-penalty, --seed) generate answers; --answers scores answers made elsewhere")
     if args.answers:
         questions = _questions(task, data, None, out, args, answers=Path(args.answers))
         return harness.score_outside_answers(task, questions, Path(args.answers), out)
@@ -233,13 +247,13 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
         "max_new_tokens": max_new_tokens,
         "limit": args.limit,
         "dtype": str(next(backend.model.parameters()).dtype).replace("torch.", ""),
-        "decoding": "greedy",
+        "decoding": decoding.settings(),
         **task.settings(),
     }
     plan = harness.Run(
         backend=backend, questions=questions, out_dir=out, methods=knobs, settings=settings,
         batch_size=args.batch_size or (embedded.batch_size if embedded else 1), max_new_tokens=max_new_tokens,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, decoding=decoding,
     )
     results, comparison = harness.evaluate(task, plan)
     if len(methods) == 1 or results[methods[0]] is None:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from hallupatch.eval import stats
 from hallupatch.eval.data import DataError, Question
+from hallupatch.eval.decoding import GREEDY, Decoding
 from hallupatch.eval.store import (
     AnswerWriter,
     StoreError,
@@ -246,7 +247,8 @@ class Run:
     """What a run of one task needs besides the task: the answering model and the generation settings.
 
     ``settings`` are the run-wide settings recorded in every ``run.json`` (the method and its knobs are
-    added per method); ``methods`` maps each method to its knobs, in the order given.
+    added per method); ``methods`` maps each method to its knobs, in the order given; ``decoding``: how
+    the backend generates (seeded again before each method).
     """
 
     backend: Any
@@ -258,6 +260,7 @@ class Run:
     max_new_tokens: Optional[int] = None
     overwrite: bool = False
     progress: bool = True
+    decoding: Decoding = GREEDY
 
 
 def method_folder(run: Run, method: str) -> Path:
@@ -305,6 +308,8 @@ def evaluate(task: Task, run: Run) -> tuple:
             out = method_folder(run, method)
             settings = {**run.settings, "method": method, "knobs": dict(knobs)}
             open_run(out, settings, proc, overwrite=run.overwrite, on_main=lambda: task.prepare_output(out))
+            run.backend.decoding = run.decoding
+            run.decoding.seed_everything()
             with applied(run.backend.model, method, knobs):
                 start = time.perf_counter()
                 produced = answer_questions(

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from hallupatch.eval.data import Question
+from hallupatch.eval.decoding import GREEDY, Decoding
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 _YES_NO_SUFFIX = re.compile(r"\s*Please answer yes or no\.\s*$")
@@ -131,6 +132,7 @@ class Backend:
         self.model = model
         self.recipe = recipe
         self.name = name
+        self.decoding: Decoding = GREEDY   # the run's generation settings (the CLI sets them)
 
     @property
     def device(self) -> torch.device:
@@ -184,8 +186,7 @@ class LlavaHFBackend(Backend):
         with torch.inference_mode():
             output = self.model.generate(
                 **inputs,
-                do_sample=False,
-                num_beams=1,
+                **self.decoding.generate_kwargs(),
                 max_new_tokens=max_new_tokens or self.recipe.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
@@ -217,7 +218,7 @@ class OriginalLlavaBackend(Backend):
             pixels = process_images([image], self.image_processor, self.model.config).to(self.device, self.model.dtype)
             with torch.inference_mode():
                 output = self.model.generate(
-                    ids.to(self.device), images=pixels, image_sizes=[image.size], do_sample=False, num_beams=1,
+                    ids.to(self.device), images=pixels, image_sizes=[image.size], **self.decoding.generate_kwargs(),
                     max_new_tokens=max_new_tokens or self.recipe.max_new_tokens, use_cache=True,
                 )
             # the original generate returns only the new tokens
@@ -253,7 +254,7 @@ class QwenVLBackend(Backend):
         kwargs = {"max_new_tokens": max_new_tokens} if max_new_tokens or self.recipe.max_new_tokens else {}
         with torch.inference_mode():
             output = self.model.generate(
-                **inputs, do_sample=False, num_beams=1, eos_token_id=stop, pad_token_id=self.tokenizer.pad_token_id,
+                **inputs, **self.decoding.generate_kwargs(), eos_token_id=stop, pad_token_id=self.tokenizer.pad_token_id,
                 **kwargs,
             )
         decoded = self._decode(self.tokenizer, output, inputs["input_ids"].shape[1], stop)
@@ -288,7 +289,7 @@ class GLM4VBackend(Backend):
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), images=images,
-                do_sample=False, num_beams=1, **kwargs,
+                **self.decoding.generate_kwargs(), **kwargs,
             )
         decoded = self._decode(self.tokenizer, output, width, _eos_ids(self.model, self.tokenizer))
         return [{"text": t, "new_tokens": n} for t, n in decoded]

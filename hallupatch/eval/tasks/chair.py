@@ -123,12 +123,16 @@ class CHAIR(Task):
     def add_arguments(cls, group):
         group.add_argument("--num-images", type=int, default=CHAIR_NUM_IMAGES,
                            help=f"images drawn from the annotations (default {CHAIR_NUM_IMAGES}; 0 = all)")
-        group.add_argument("--seed", type=int, default=0, help="seed of the image sample (default 0)")
         group.add_argument("--annotations", help="COCO annotations folder (default DATA/annotations)")
+
+    @property
+    def sample_seed(self) -> int:
+        """The run's ``--seed`` also draws the image sample (0 when unset)."""
+        return self.args.seed if self.args.seed is not None else 0
 
     def settings(self):
         args = self.args
-        return {"num_images": args.num_images, "seed": args.seed, "prompt": CHAIR_PROMPT,
+        return {"num_images": args.num_images, "seed": self.sample_seed, "prompt": CHAIR_PROMPT,
                 "annotations": str(Path(args.annotations).resolve()) if args.annotations else None}
 
     def load(self, data, recipe, out_dir, answers):
@@ -143,7 +147,7 @@ class CHAIR(Task):
             ids = [int(i) for i in json.loads(saved.read_text(encoding="utf-8"))]
         else:
             ids = None
-        self.data = load_chair(data, num_images=args.num_images or None, seed=args.seed, image_ids=ids,
+        self.data = load_chair(data, num_images=args.num_images or None, seed=self.sample_seed, image_ids=ids,
                                annotations=args.annotations, need_images=answers is None)
         return self.data.questions
 

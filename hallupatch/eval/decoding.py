@@ -1,0 +1,70 @@
+"""Generation settings of an evaluation run: greedy by default, or the published scripts' sampling,
+beams and repetition penalty; recorded in ``run.json`` so that a resume with other settings is refused."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are generated. ``None`` leaves a setting to the checkpoint's generation config.
+
+    ``seed``: seeds Python, NumPy and torch before each method answers (sampling, and the layer draws
+    of a layer prior without ``--layer-seed``); an interrupted and resumed sampled run continues from
+    a fresh seed, so only an uninterrupted run reproduces sampled answers exactly.
+    """
+
+    do_sample: bool = False
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    num_beams: int = 1
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be True or False; got {self.do_sample!r}")
+        if not self.do_sample:
+            given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} only apply when sampling: add --do-sample (or drop them)")
+        if self.temperature is not None and not (_finite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"--temperature must be a number > 0; got {self.temperature!r}")
+        if self.top_p is not None and not (_finite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"--top-p must lie in (0, 1]; got {self.top_p!r}")
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"--num-beams must be an integer >= 1; got {self.num_beams!r}")
+        if self.repetition_penalty is not None and not (_finite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"--repetition-penalty must be a number > 0 (1.0 = none); got {self.repetition_penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2 ** 32):
+            raise ValueError(f"--seed must be an integer in [0, 2**32); got {self.seed!r}")
+
+    def generate_kwargs(self) -> Dict[str, Any]:
+        """The keyword arguments of ``model.generate`` (unset ones left to the checkpoint)."""
+        kwargs: Dict[str, Any] = {"do_sample": self.do_sample, "num_beams": self.num_beams}
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+    def settings(self) -> Dict[str, Any]:
+        """What ``run.json`` records (keys sorted, as ``run.json`` stores them, so a stored copy is equal)."""
+        return dict(sorted(dataclasses.asdict(self).items()))
+
+    def seed_everything(self) -> None:
+        """Seed Python, NumPy and torch with ``seed`` (nothing without one)."""
+        if self.seed is not None:
+            from transformers import set_seed
+
+            set_seed(self.seed)
+
+
+GREEDY = Decoding()
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
