@@ -6,6 +6,7 @@ The command line of :mod:`hallupatch.eval.harness`: one sub-command per register
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -13,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from hallupatch.eval import harness, models, sample
 from hallupatch.eval.data import DataError
 from hallupatch.eval.decoding import GREEDY, Decoding
+from hallupatch.eval.presets import get_preset, preset_help, with_preset
 from hallupatch.eval.store import StoreError
 from hallupatch.eval.tasks import Task, get_task, registered_tasks
 
@@ -81,6 +83,8 @@ def _shared_options() -> argparse.ArgumentParser:
     g.add_argument("--family", dest="recipe_old_spelling", choices=sorted(models.RECIPES), help=argparse.SUPPRESS)
     g.add_argument("--data", help="the benchmark's data in its official layout (see the benchmark's --help); "
                    "default: the built-in data, where the benchmark has one")
+    g.add_argument("--preset", help="the settings of a published evaluation script (flags given here win); "
+                   "--preset help lists them")
     g.add_argument("--method", default="none", help="none, memvr, dola (layer contrast), memvr+dola, or several "
                    "separated by commas (none,memvr,dola) to compare them on the same questions")
     for flag, (_, typ, text) in KNOBS.items():
@@ -124,6 +128,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the command line; an option of another benchmark is refused with a ``ValueError`` naming
     the benchmarks that take it (anything else unknown is argparse's usage error)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = _preset_name(argv)
+    if name == "help":
+        print(preset_help())
+        raise SystemExit(0)
+    if name is not None and argv and not argv[0].startswith("-"):
+        argv = with_preset(argv, get_preset(name, argv[0]))
     args, extra = parser.parse_known_args(argv)
     if extra:
         owners = _option_owners(parser)
@@ -134,6 +145,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                  f"{' or '.join(owners[flag])}, not {args.benchmark}")
         parser.parse_args(argv)  # the usage error for what no benchmark takes
     return args
+
+
+def _preset_name(argv: Sequence[str]) -> Optional[str]:
+    """The value of ``--preset`` in ``argv`` (the last one given), or ``None``."""
+    name = None
+    for i, token in enumerate(argv):
+        if token == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif token.startswith("--preset="):
+            name = token.split("=", 1)[1]
+    return name
 
 
 def _option_owners(parser: argparse.ArgumentParser) -> Dict[str, List[str]]:
@@ -234,6 +256,20 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     elif backend is None:
         device = args.device or harness.current_process().device  # several processes on GPUs: one GPU each
         backend = models.load_backend(args.model, args.recipe, device, args.dtype, work_dir=out)
+    recipe = backend.recipe
+    if args.preset:  # for this run only: a backend passed in keeps its own recipe afterwards
+        backend.recipe = dataclasses.replace(recipe, **get_preset(args.preset, args.benchmark).recipe)
+    try:
+        results, comparison = _evaluate(task, args, backend, embedded, data, data_setting, out, knobs, decoding)
+    finally:
+        backend.recipe = recipe
+    if len(methods) == 1 or results[methods[0]] is None:
+        return results[methods[0]]
+    return {"methods": results, "comparison": comparison}
+
+
+def _evaluate(task: Task, args, backend, embedded, data, data_setting, out: Path, knobs, decoding: Decoding):
+    """Load the questions, record the settings and run the harness (``run`` has loaded the backend)."""
     questions = _questions(task, data, backend.recipe.name, out, args)
     max_new_tokens = args.max_new_tokens or (embedded.max_new_tokens(task.free_text) if embedded else None) \
         or task.max_new_tokens or backend.recipe.max_new_tokens
@@ -243,6 +279,8 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
         "recipe": backend.recipe.name,
         "prompt_template": backend.recipe.template,
         "question_style": "as_is" if task.free_text else backend.recipe.question_style,
+        "pad_to_square": backend.recipe.pad_to_square,
+        "preset": args.preset,
         "data": data_setting,
         "max_new_tokens": max_new_tokens,
         "limit": args.limit,
@@ -255,10 +293,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
         batch_size=args.batch_size or (embedded.batch_size if embedded else 1), max_new_tokens=max_new_tokens,
         overwrite=args.overwrite, progress=not args.no_progress, decoding=decoding,
     )
-    results, comparison = harness.evaluate(task, plan)
-    if len(methods) == 1 or results[methods[0]] is None:
-        return results[methods[0]]
-    return {"methods": results, "comparison": comparison}
+    return harness.evaluate(task, plan)
 
 
 def _data(task: Task, args, out: Path):

@@ -1,0 +1,83 @@
+"""``--preset NAME``: the settings of a published evaluation script, one flag away (``--preset help`` lists them).
+
+A preset is the command-line arguments the script's settings translate to, plus recipe changes that
+have no flag of their own (the question style, square padding). Flags given on the command line win
+over the preset's; ``run.json`` records the preset's name next to the resulting settings. Where the
+published script does something broken, the description says so and the preset does what the paper
+describes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+#: the region-caption paper's layer prior over layers 0-7 (its eval/run_with_prob/eval_phd.sh)
+REGION_CAPTION_PRIOR = "0.13899,0.10750,0.09652,0.12360,0.12347,0.12838,0.12860,0.15291"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    benchmark: str
+    source: str                               # the published script
+    description: str                          # what it sets, and where it departs from the script
+    args: Tuple[str, ...]                     # command-line arguments, before the user's own
+    recipe: Mapping[str, Any] = field(default_factory=dict)   # Recipe fields to change (no flag of their own)
+
+
+def _memvr(ratio: float, start: int, end: int) -> Tuple[str, ...]:
+    return ("--method", "memvr", "--retracing-ratio", str(ratio), "--entropy-threshold", "0.75",
+            "--starting-layer", str(start), "--ending-layer", str(end))
+
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in [
+    Preset("memvr-mme-llava", "mme", "MemVR eval_scripts/llava/mme.sh (llava_model_vqa_loader, --temperature 0)",
+           "LLaVA-1.5, MemVR ratio 0.12, threshold 0.75, layers 5..16, max_new_tokens 1, greedy; LLaVA's "
+           "short-answer prompt", _memvr(0.12, 5, 16) + ("--max-new-tokens", "1")),
+    Preset("memvr-mme-qwen", "mme", "MemVR eval_scripts/qwen/mme.sh (qwen_model_vqa_loader)",
+           "Qwen-VL-Chat, MemVR ratio 0.28, threshold 0.75, layers 9..16, max_new_tokens 1, greedy; the question "
+           "with LLaVA's short-answer suffix (the script asks llava_mme.jsonl's text) in Qwen's chat format, as "
+           "its model.chat builds it. The published Qwen path is reported (issue 10) not to retrace; this preset "
+           "retraces, as the paper describes", _memvr(0.28, 9, 16) + ("--max-new-tokens", "1"),
+           {"question_style": "short_answer"}),
+    Preset("memvr-mme-glm", "mme", "MemVR eval_scripts/glm/mme.sh (glm_model_vqa_loader)",
+           "GLM-4V-9b, MemVR ratio 0.28, threshold 0.75, layers 9..16, max_new_tokens 1, greedy; LLaVA's short-"
+           "answer suffix in GLM's chat template. The published script passes --apply-memvr default, which never "
+           "applies MemVR; this preset retraces, as the paper describes", _memvr(0.28, 9, 16) + ("--max-new-tokens", "1"),
+           {"question_style": "short_answer"}),
+    Preset("memvr-chair-llava", "chair", "MemVR eval_scripts/llava/chair.sh (llava_model_vqa_loader_chair)",
+           "LLaVA-1.5 captions of the CHAIR images, MemVR ratio 0.31, threshold 0.75, layers 5..16, "
+           "max_new_tokens 1024, greedy, the image preprocessed without square padding (as the script does)",
+           _memvr(0.31, 5, 16) + ("--max-new-tokens", "1024"), {"pad_to_square": False}),
+    Preset("regcap-phd", "phd", "unleash-eliminate eval/run_with_prob/eval_phd.sh (phd_eval_w_prob.py)",
+           "layer contrast over layers 0-7 with the paper's prior, max_new_tokens 10, repetition penalty 1.05, "
+           "greedy", ("--method", "dola", "--candidate-layers", "0,1,2,3,4,5,6,7", "--layer-prior",
+                      REGION_CAPTION_PRIOR, "--max-new-tokens", "10", "--repetition-penalty", "1.05")),
+    Preset("regcap-captions", "regcap", "unleash-eliminate region captions (eval/run/run_layers.sh, cyc.sh)",
+           "region captions of 50 new tokens, greedy", ("--max-new-tokens", "50")),
+]}
+
+
+def preset_help() -> str:
+    """The ``--preset help`` listing: name, benchmark, source and description of every preset."""
+    lines = ["presets (python -m hallupatch.eval BENCHMARK --preset NAME):"]
+    for p in PRESETS.values():
+        lines += [f"  {p.name}  [{p.benchmark}]", f"      from: {p.source}", f"      {p.description}",
+                  f"      sets: {' '.join(p.args)}" + "".join(f" {k}={v}" for k, v in p.recipe.items())]
+    return "\n".join(lines)
+
+
+def get_preset(name: str, benchmark: str) -> Preset:
+    """The preset ``name`` for ``benchmark``; ``ValueError`` naming the valid ones otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} (--preset help describes them)")
+    preset = PRESETS[name]
+    if preset.benchmark != benchmark:
+        raise ValueError(f"preset {name!r} is for {preset.benchmark}, not {benchmark}: "
+                         f"python -m hallupatch.eval {preset.benchmark} --preset {name}")
+    return preset
+
+
+def with_preset(argv: Sequence[str], preset: Preset) -> List[str]:
+    """``argv`` (benchmark first) with the preset's arguments before the user's, so the user's win."""
+    return [argv[0], *preset.args, *argv[1:]]
