@@ -101,3 +101,47 @@ def test_phd_index_edges():
     assert only_yes["overall"]["no_recall"] is None and only_yes["overall"]["phd_index"] is None
     with pytest.raises(ValueError, match="yes or no"):
         score_phd([("base", "object", "maybe", "Yes")])
+
+
+# ---------------------------------------------------------------- the older data.jsonl layout (region-caption paper)
+def test_older_data_jsonl_layout_and_the_papers_per_task_mode_accuracy(tmp_path):
+    import json as _json
+
+    from hallupatch.eval import cli
+
+    tasks = ["object_recognition", "counting"]
+    rows = []
+    for i in range(16):
+        rows.append({"image_path": f"imgs/{i % 4}.jpg", "question": f"is there object {i} ?",
+                     "answer": "yes" if i % 3 else "no", "task": tasks[i % 2],
+                     "mode": ("neutral" if i < 8 else "misleading") + f"_v{i % 2}"})
+    (tmp_path / "data.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    texts = ["Yes", "No.", "no, not at all", "yes, there is"]
+    answers = [{"question_id": f"{r['mode'].split('_')[0]}/{i}/{r['answer']}", "text": texts[i % 4]}
+               for i, r in enumerate(rows)]
+    (tmp_path / "answers.jsonl").write_text("".join(_json.dumps(a) + "\n" for a in answers))
+    scores = cli.run(["phd", "--answers", str(tmp_path / "answers.jsonl"), "--data", str(tmp_path),
+                      "--output", str(tmp_path / "out")])                       # no images needed
+    # phd_eval_metric.py: track = task + "_" + mode up to "_", accuracy = right / (right + wrong)
+    tracks = {}
+    for row, answer in zip(rows, answers):
+        text = answer["text"].split(".")[0] if "." in answer["text"] else answer["text"]
+        words = text.replace(",", "").split(" ")
+        pred = "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+        track = row["task"] + "_" + row["mode"].split("_")[0]
+        right, total = tracks.get(track, (0, 0))
+        tracks[track] = (right + (pred == row["answer"]), total + 1)
+    for track, (right, total) in tracks.items():
+        task, mode = track.rsplit("_", 1)
+        assert scores["groups"][f"{mode}/{task}"]["accuracy"] == pytest.approx(right / total)
+    assert list(scores["modes"]) == ["neutral", "misleading"] and scores["answered"] == 16
+    misleading = [a for a in answers if a["question_id"].startswith("misleading/")]
+    (tmp_path / "misleading.jsonl").write_text("".join(_json.dumps(a) + "\n" for a in misleading))
+    only = cli.run(["phd", "--answers", str(tmp_path / "misleading.jsonl"), "--data", str(tmp_path / "data.jsonl"),
+                    "--modes", "misleading", "--output", str(tmp_path / "m")])
+    assert list(only["modes"]) == ["misleading"] and only["answered"] == only["questions"] == 8
+    with pytest.raises(ValueError, match="belong to the older data.jsonl layout"):
+        from hallupatch.eval.tasks.phd import load_phd_questions
+
+        (tmp_path / "data.json").write_text("[]")
+        load_phd_questions(tmp_path, ["neutral"])

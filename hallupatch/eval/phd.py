@@ -30,6 +30,10 @@ from .scoring import parse_pope_answer
 
 
 PHD_MODES = ("base", "iac", "icc", "ccs")
+#: the older ``data.jsonl`` layout's modes (its ``mode`` field up to the first ``_``, as the region-caption
+#: paper's phd_eval_metric.py groups them)
+PHD_JSONL_MODES = ("neutral", "misleading")
+PHD_JSONL_KEYS = ("image_path", "question", "answer", "task", "mode")
 CONTEXT_INSTRUCTION = (" In case there is an inconsistency between the context and the image content, "
                        "you should follow the image. ")
 
@@ -112,6 +116,33 @@ def load_phd(path: PathLike, modes: Sequence[str] = PHD_MODES) -> List[PhDQuesti
     return phd_questions(data, modes, source=str(path))
 
 
+def load_phd_jsonl(path: PathLike, modes: Optional[Sequence[str]] = None) -> List[PhDQuestion]:
+    """Questions of the older ``data.jsonl`` layout: one JSON line per question with ``image_path``
+    (relative to the data folder), ``question``, ``answer`` (yes/no), ``task`` and ``mode`` (e.g.
+    ``neutral_...`` / ``misleading_...``; grouped by the part before the first ``_``).
+    ``qid`` = ``<mode>/<line index>/<yes|no>``."""
+    from .data import DataError, json_lines
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"PhD data file not found: {path} (the older layout's data.jsonl)")
+    out: List[PhDQuestion] = []
+    for index, (where, row) in enumerate(json_lines(path)):
+        missing = [k for k in PHD_JSONL_KEYS if k not in row]
+        if missing:
+            raise DataError(f"{where}: a PhD data.jsonl line needs {list(PHD_JSONL_KEYS)}; lacks {missing}")
+        mode = str(row["mode"]).split("_")[0]
+        if modes is not None and mode not in modes:
+            continue
+        label = str(row["answer"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise DataError(f"{where}: answer must be yes or no; got {row['answer']!r}")
+        image = str(row["image_path"])
+        out.append(PhDQuestion(f"{mode}/{index}/{label}", mode, str(row["task"]), Path(image).stem, image,
+                               str(row["question"]), label))
+    return out
+
+
 def phd_index(yes_recall: Optional[float], no_recall: Optional[float]) -> Optional[float]:
     """Harmonic mean of yes- and no-recall (0 when both are 0; None when either is undefined)."""
     if yes_recall is None or no_recall is None:
@@ -133,6 +164,8 @@ def _group_scores(pairs: List[Tuple[str, str]]) -> dict:
         "yes_recall": yes_recall,
         "no_recall": no_recall,
         "phd_index": phd_index(yes_recall, no_recall),
+        # the region-caption paper's per task x mode figure (phd_eval_metric.py): answers right / questions
+        "accuracy": sum(label == pred for label, pred in pairs) / len(pairs),
         "yes_ratio": sum(p == "yes" for _, p in pairs) / len(pairs),
     }
 
@@ -151,7 +184,8 @@ def score_phd(records: Iterable[Tuple[str, str, str, str]]) -> dict:
         groups[(mode, task)].append((label, parse_pope_answer(prediction)))
     if not groups:
         raise ValueError("no PhD answers to score")
-    order = sorted(groups, key=lambda k: (PHD_MODES.index(k[0]) if k[0] in PHD_MODES else len(PHD_MODES), k))
+    known = PHD_MODES + PHD_JSONL_MODES
+    order = sorted(groups, key=lambda k: (known.index(k[0]) if k[0] in known else len(known), k))
     by_mode: Dict[str, List[Tuple[str, str]]] = OrderedDict()
     for key in order:
         by_mode.setdefault(key[0], []).extend(groups[key])

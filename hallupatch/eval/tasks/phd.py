@@ -1,7 +1,9 @@
 """PhD (Liu et al. 2024): yes/no questions in four modes (base, inaccurate context, incorrect context,
 counter-common-sense images); the PhD index is the harmonic mean of yes- and no-recall.
 
-Data: ``PhD/data.json`` and ``PhD/images/{train2014,val2014,CCS_images}/``.
+Data: ``PhD/data.json`` and ``PhD/images/{train2014,val2014,CCS_images}/``, or the older ``data.jsonl``
+layout (``image_path, question, answer, task, mode``; modes neutral / misleading) that the region-caption
+paper evaluates, with its per task x mode accuracy next to the PhD index.
 """
 from __future__ import annotations
 
@@ -9,25 +11,44 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 from hallupatch.eval.data import DataError, PathLike, Question
-from hallupatch.eval.phd import PHD_MODES, load_phd, score_phd
+from hallupatch.eval.phd import PHD_JSONL_MODES, PHD_MODES, load_phd, load_phd_jsonl, score_phd
 from hallupatch.eval.scoring import parse_pope_answer
 from hallupatch.eval.tasks import Task, fmt_percent, partial_note, register_task, with_counts
 
 
 
+def phd_file(data: PathLike) -> Path:
+    """The data file: ``data`` itself, else ``<data>/data.json``, else the older ``<data>/data.jsonl``."""
+    data = Path(data)
+    if not data.is_dir():
+        return data
+    return data / "data.jsonl" if not (data / "data.json").is_file() and (data / "data.jsonl").is_file() else data / "data.json"
+
+
 def load_phd_questions(data: PathLike, modes: Sequence[str] = PHD_MODES, need_images: bool = True
                        ) -> Tuple[List[Question], Dict[str, Tuple[str, str]]]:
-    """PhD questions from ``<data>/data.json`` (or the file itself) with images under ``<data>/images/``.
+    """PhD questions from ``<data>/data.json`` (or the file itself) with images under ``<data>/images/``,
+    or from the older ``<data>/data.jsonl`` (or a ``.jsonl`` file) with images under ``<data>/``.
 
     Returns the questions and ``{qid: (mode, task)}``.
     """
-    data = Path(data)
-    file = data / "data.json" if data.is_dir() else data
+    file = phd_file(data)
     root = file.parent
-    items = load_phd(file, modes)
+    if file.suffix == ".jsonl":
+        items = load_phd_jsonl(file, modes)
+    else:
+        bad = [m for m in modes if m in PHD_JSONL_MODES]
+        if bad:
+            raise ValueError(f"PhD mode(s) {bad} belong to the older data.jsonl layout; data.json has {list(PHD_MODES)}")
+        items = load_phd(file, modes)
     questions, meta = [], {}
     for q in items:
-        image = str(q.resolve_image(root)) if need_images else str(root / q.image)
+        if file.suffix == ".jsonl":
+            image = str(root / q.image)
+            if need_images and not Path(image).is_file():
+                raise DataError(f"PhD image for {q.qid} not found: {image}")
+        else:
+            image = str(q.resolve_image(root)) if need_images else str(root / q.image)
         questions.append(Question(qid=q.qid, group=f"{q.mode}/{q.task}", image_id=q.image_id,
                                   image_name=Path(image).name, question=q.question, answer=q.label,
                                   image=image, source=f"{file} {q.qid}"))
@@ -47,12 +68,12 @@ def score_phd_answers(questions: Sequence[Question], meta: Mapping[str, Tuple[st
 
 
 def phd_table(scores: Mapping) -> str:
-    lines = [f"{'group':<22}{'yes-rec':>8}{'no-rec':>8}{'PhD':>8}{'n':>7}"]
+    lines = [f"{'group':<34}{'yes-rec':>8}{'no-rec':>8}{'PhD':>8}{'acc':>8}{'n':>7}"]
     sections = list(scores["groups"].items()) + [(f"{m} (all tasks)", v) for m, v in scores["modes"].items()]
     sections.append(("overall", scores["overall"]))
     for name, s in sections:
-        lines.append(f"{name:<22}{fmt_percent(s['yes_recall']):>8}{fmt_percent(s['no_recall']):>8}{fmt_percent(s['phd_index']):>8}"
-                     f"{s['questions']:>7}")
+        lines.append(f"{name:<34}{fmt_percent(s['yes_recall']):>8}{fmt_percent(s['no_recall']):>8}{fmt_percent(s['phd_index']):>8}"
+                     f"{fmt_percent(s['accuracy']):>8}{s['questions']:>7}")
     return "\n".join(lines + partial_note(scores))
 
 
@@ -65,14 +86,15 @@ class PhD(Task):
 
     @classmethod
     def add_arguments(cls, group):
-        group.add_argument("--modes", nargs="+", choices=PHD_MODES, help="PhD modes (default: all four)")
+        group.add_argument("--modes", nargs="+", choices=PHD_MODES + PHD_JSONL_MODES,
+                           help="PhD modes (default: all of the layout's: base iac icc ccs, or neutral misleading)")
 
     def settings(self):
-        return {"modes": self.args.modes or list(PHD_MODES)}
+        return {"modes": self.args.modes}
 
     def load(self, data, recipe, out_dir, answers):
-        questions, self.meta = load_phd_questions(data, self.args.modes or list(PHD_MODES),
-                                                  need_images=answers is None)
+        modes = self.args.modes or list(PHD_JSONL_MODES if phd_file(data).suffix == ".jsonl" else PHD_MODES)
+        questions, self.meta = load_phd_questions(data, modes, need_images=answers is None)
         return questions
 
     def score(self, questions, texts):
