@@ -162,3 +162,56 @@ def test_load_refcocog(tmp_path):
     assert s.references == ["the brown dog", "dog on the left"]
     with pytest.raises(FileNotFoundError, match="nothing.p"):
         load_refcocog(tmp_path / "nothing.p", tmp_path / "instances.json")
+
+
+# ---------------------------------------------------------------- the region-caption paper's references
+def test_paper_references_one_caption_per_region_and_its_objects_only(tmp_path):
+    import json
+
+    from caption_data import write_regcap_data
+    from hallupatch.eval.data import DataError
+    from hallupatch.eval.regcap import load_paper_references
+    from hallupatch.eval.tasks.regcap import load_regcap
+
+    data = write_regcap_data(tmp_path)
+    paper = tmp_path / "captions_refcocog_gt.json"
+    captions = {"r1": "a man near a dog", "r2": "a brown dog", "r3": "a white bus"}
+    paper.write_text(json.dumps({"images": [{"id": k} for k in captions],
+                                 "annotations": [{"id": k, "image_id": k, "caption": v} for k, v in captions.items()]}))
+    predictions = {"r1": "a man with a dog", "r2": "a brown dog and a cat", "r3": "a white bus"}
+    default = load_regcap(data, None, need_images=False).samples
+    as_paper = load_regcap(data, None, need_images=False, references=paper).samples
+    assert [s.references for s in as_paper] == [[captions[s.sample_id]] for s in default]
+    assert region_ground_truth(as_paper) == {"r1": {"person", "dog"}, "r2": {"dog"}, "r3": {"bus"}}
+    # default: r1's references and category name a person only, so its dog is a hallucination; the paper's
+    # single caption mentions the dog. r2's cat is hallucinated either way.
+    assert score_region_captions(default, predictions, with_caption_metrics=False)[0]["CHAIRs"] == pytest.approx(2 / 3)
+    assert score_region_captions(as_paper, predictions, with_caption_metrics=False)[0]["CHAIRs"] == pytest.approx(1 / 3)
+    paper.write_text(json.dumps({"annotations": [{"image_id": "r1", "caption": "x"}]}))
+    with pytest.raises(DataError, match=r"no caption for region\(s\) \['r2', 'r3'\]"):
+        load_regcap(data, None, need_images=False, references=paper)
+    paper.write_text(json.dumps({"annotations": [{"image_id": "r1", "caption": "x"}, {"image_id": "r1", "caption": "y"}]}))
+    with pytest.raises(DataError, match="region r1 has two captions"):
+        load_paper_references(paper)
+    paper.write_text(json.dumps([{"image_id": "r1", "caption": "x"}]))
+    with pytest.raises(DataError, match="captions_refcocog_gt.json"):
+        load_paper_references(paper)
+
+
+@needs_java
+def test_paper_references_through_the_command_line(tmp_path):
+    import json
+
+    from caption_data import write_regcap_data
+    from hallupatch.eval import cli
+
+    data = write_regcap_data(tmp_path)
+    paper = tmp_path / "gt.json"
+    paper.write_text(json.dumps({"annotations": [{"image_id": k, "caption": v} for k, v in
+                                                 {"r1": "a man near a dog", "r2": "a brown dog", "r3": "a white bus"}.items()]}))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n" for k, v in
+                               {"r1": "a man with a dog", "r2": "a brown dog and a cat", "r3": "a white bus"}.items()))
+    scores = cli.run(["regcap", "--answers", str(answers), "--data", str(data), "--references", str(paper),
+                      "--output", str(tmp_path / "out")])
+    assert scores["CHAIRs"] == pytest.approx(1 / 3) and scores["num_samples"] == 3

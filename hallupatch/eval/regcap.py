@@ -13,6 +13,7 @@ gives one).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import pickle
@@ -119,6 +120,43 @@ def load_refcocog(refs_path: PathLike, instances_path: PathLike, split: str = "v
     if not samples:
         raise ValueError(f"no RefCOCOg refs with split {split!r} in {refs_path}")
     return samples
+
+
+def load_paper_references(path: PathLike) -> Dict[str, str]:
+    """The region-caption paper's references: ``{region id: its one ground-truth caption}`` from a
+    ``captions_refcocog_gt.json``-style file (``{"images": [...], "annotations": [{"image_id", "caption"}]}``,
+    ``image_id`` = the region's id)."""
+    from .data import DataError, read_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"references file not found: {path}")
+    data = read_json(path)
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        raise DataError(f"{path}: expected {{'annotations': [{{'image_id', 'caption'}}, ...]}} "
+                        "(the layout of the paper's captions_refcocog_gt.json)")
+    references: Dict[str, str] = {}
+    for index, ann in enumerate(annotations):
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            raise DataError(f"{path}: annotation {index} needs 'image_id' and a 'caption' string")
+        key = str(ann["image_id"])
+        if key in references:
+            raise DataError(f"{path}: region {key} has two captions; the paper's file has one per region")
+        references[key] = ann["caption"]
+    return references
+
+
+def with_paper_references(samples: Sequence[RegionSample], references: Mapping[str, str], source: str = "references"
+                          ) -> List[RegionSample]:
+    """``samples`` scored as the paper scores them: each region's one caption from ``references`` is its
+    only reference, and its CHAIR ground truth is that caption's objects only (no category)."""
+    from .data import DataError
+
+    missing = [s.sample_id for s in samples if s.sample_id not in references]
+    if missing:
+        raise DataError(f"{source} has no caption for region(s) {missing[:5]} ({len(missing)} of {len(samples)})")
+    return [dataclasses.replace(s, references=[references[s.sample_id]], category=None) for s in samples]
 
 
 # ----------------------------------------------------------------------------------- prompts

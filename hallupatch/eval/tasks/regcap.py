@@ -16,7 +16,8 @@ from hallupatch.eval.chair import ChairWords, caption_stats, chair_from_stats, s
 from hallupatch.eval.data import DataError, PathLike, Question
 from hallupatch.eval.ranking import RankingBackend, load_scorer, scored_candidates
 from hallupatch.eval.regcap import (
-    RegionSample, load_refcocog, load_region_samples, region_ground_truth, region_prompt, score_region_captions,
+    RegionSample, load_paper_references, load_refcocog, load_region_samples, region_ground_truth, region_prompt,
+    score_region_captions, with_paper_references,
 )
 from hallupatch.eval.store import write_json
 from hallupatch.eval.tasks import Task, fmt_percent, register_task, two_column_table, with_counts
@@ -32,13 +33,15 @@ class RegcapData:
 
 
 def load_regcap(data: PathLike, recipe: Optional[str], image_folder: Optional[PathLike] = None,
-                split: str = "val", need_images: bool = True) -> RegcapData:
+                split: str = "val", need_images: bool = True, references: Optional[PathLike] = None) -> RegcapData:
     """Region samples and their recipe-specific questions.
 
     ``data``: a JSON/JSONL file of region records (see :func:`load_region_samples`), or the official
     RefCOCOg folder holding ``refs(umd).p`` and ``instances.json``. Images are looked up in
     ``image_folder`` (default: ``images/`` next to the data). ``recipe`` selects the region prompt
-    (``None`` only for ``--answers`` scoring, when no question is asked).
+    (``None`` only for ``--answers`` scoring, when no question is asked). ``references``: the paper's
+    one-caption-per-region file (:func:`~hallupatch.eval.regcap.load_paper_references`) instead of every
+    reference of the data.
     """
     data = Path(data)
     if data.is_dir() and (data / "refs(umd).p").exists():
@@ -50,6 +53,8 @@ def load_regcap(data: PathLike, recipe: Optional[str], image_folder: Optional[Pa
     else:
         raise DataError(f"region caption data not found: {data} (a .json/.jsonl file or a RefCOCOg folder "
                         "with refs(umd).p and instances.json)")
+    if references is not None:
+        samples = with_paper_references(samples, load_paper_references(references), str(references))
     folder = Path(image_folder) if image_folder else base / "images"
     questions = []
     for s in samples:
@@ -102,6 +107,10 @@ class RegionCaptions(Task):
     def add_arguments(cls, group):
         group.add_argument("--image-folder", help="the images of the regions (default: images/ next to the data)")
         group.add_argument("--refcocog-split", default="val", help="with the RefCOCOg folder: split (default val)")
+        group.add_argument("--references", metavar="FILE",
+                           help="score as the region-caption paper does: each region's one ground-truth caption from "
+                           "a captions_refcocog_gt.json-style file is its only reference and its CHAIR ground truth "
+                           "is that caption's objects (default: all of the data's references, plus the category)")
         group.add_argument("--rank-with", metavar="MODULE:FUNCTION",
                            help="with --method dola: caption once per candidate layer and keep the caption this "
                            "scorer ranks best (scorer(sample, caption) -> score or (score, confidence); sample: the "
@@ -111,11 +120,12 @@ class RegionCaptions(Task):
     def settings(self):
         folder = self.args.image_folder
         return {"image_folder": str(Path(folder).resolve()) if folder else None,
-                "refcocog_split": self.args.refcocog_split, "rank_with": self.args.rank_with}
+                "refcocog_split": self.args.refcocog_split, "rank_with": self.args.rank_with,
+                "references": str(Path(self.args.references).resolve()) if self.args.references else None}
 
     def load(self, data, recipe, out_dir, answers):
         self.data = load_regcap(data, recipe, self.args.image_folder, self.args.refcocog_split,
-                                need_images=answers is None)
+                                need_images=answers is None, references=self.args.references)
         return self.data.questions
 
     def answering(self, backend):
