@@ -28,7 +28,13 @@ def memvr_reference(lm, embeds, memory, *, ratio, threshold, start, end, activat
     ``lm``: float64 ``LlamaForCausalLM``; ``embeds``: ``(seq, hidden)`` input embeddings; ``memory``:
     ``(n_vis, hidden)`` visual tokens or ``None``. Returns ``(logits, trigger_layer, entropies)``.
     """
-    decoder = lm.model
+    return memvr_reference_decoder(lm.model, lm.lm_head, embeds, memory, ratio=ratio, threshold=threshold,
+                                   start=start, end=end, activation=activation)
+
+
+def memvr_reference_decoder(decoder, lm_head, embeds, memory, *, ratio, threshold, start, end, activation=lambda x: x):
+    """:func:`memvr_reference` on any llama-structured float64 decoder (``.layers``, ``.norm``) and its LM head;
+    ``embeds`` is what enters the first layer (Gemma's scaled embeddings, a VLM's merged sequence)."""
     seq = embeds.shape[0]
     h = embeds.double().unsqueeze(0)
     position_ids = torch.arange(seq).unsqueeze(0)
@@ -48,11 +54,11 @@ def memvr_reference(lm, embeds, memory, *, ratio, threshold, start, end, activat
             f = (1 - ratio) * f + ratio * (f.abs().mean() / a.abs().mean()) * a
         h = h + f
         if memory is not None and trigger is None and start < index < end:
-            logits = lm.lm_head(decoder.norm(h[0, -1]))
+            logits = lm_head(decoder.norm(h[0, -1]))
             entropies[index] = normalised_top10_entropy(logits)
             if entropies[index] > threshold:
                 trigger, retrace_layer = index, index + 1
-    return lm.lm_head(decoder.norm(h))[0], trigger, entropies
+    return lm_head(decoder.norm(h))[0], trigger, entropies
 
 
 def llava_inputs_embeds(model, input_ids, pixel_values):
