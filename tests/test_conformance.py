@@ -237,6 +237,52 @@ def test_every_supported_architecture_has_a_conformance_entry():
     assert set(hallupatch.supported()) == {c.architecture for c in CASES} | TESTED_ELSEWHERE
 
 
+def test_readme_family_table_lists_every_architecture_and_its_example_runs(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    listed = {name for line in table for name in line.split("|")[1].split("`")[1::2]}
+    assert listed == set(hallupatch.supported())
+    exec(compile(section.split("```python", 1)[1].split("```", 1)[0], "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == str(hallupatch.supported())
+
+
+def test_early_exit_head_is_the_logit_lens(case, loaded):
+    """``early_exit_logits`` = ``lm_head(final_norm(h))`` (``norm=False``: ``lm_head(h)``) at every hidden-state
+    index, against float64 copies of the norm and head; index N is the model's own logits."""
+    model, processor = loaded
+    inputs = prepare(case, model, processor, [2])
+    out = model(**inputs, output_hidden_states=True)
+    decoder, head = case.decoder(model)
+    norm64, head64 = copy.deepcopy(decoder.norm).double(), copy.deepcopy(head).double()
+    assert len(out.hidden_states) == LAYERS + 1
+    for k in range(LAYERS):
+        h = out.hidden_states[k].double()
+        torch.testing.assert_close(hallupatch.early_exit_logits(model, out.hidden_states, k).double(), head64(norm64(h)),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hallupatch.early_exit_logits(model, out.hidden_states[k], k, norm=False).double(),
+                                   head64(h), rtol=1e-4, atol=1e-4)
+    assert torch.equal(hallupatch.early_exit_logits(model, out.hidden_states, LAYERS), out.logits)
+
+
+def test_tied_embeddings_rule(case, loaded):
+    """DoLa skips hidden-state indices 0 and 1 when the LM head is the input embedding (Gemma): there the
+    embedding output's early exit, ``E·(sqrt(d)·E[x])`` for Gemma's scaled embeddings, just repeats the
+    input token; the scale only sharpens that copy, so the rule applies unchanged."""
+    from hallupatch.methods.dola import tied_embeddings
+
+    model, processor = loaded
+    parts = hallupatch.apply(model, "dola")._hallupatch.parts
+    assert tied_embeddings(parts) == case.tied
+    if case.tied:
+        inputs = prepare(case, model, processor, [2])
+        embedded = model(**inputs, output_hidden_states=True).hidden_states[0]
+        copies = hallupatch.early_exit_logits(model, embedded, 0, norm=False).argmax(-1)
+        assert torch.equal(copies, inputs["input_ids"])
+
+
 def test_memvr_matches_float64_reference_early_late_never(case, loaded):
     model, processor = loaded
     first_checked = WINDOW["starting_layer"] + 1
