@@ -17,7 +17,6 @@ not through hallupatch's specs). For each, the suite checks:
 * ``remove()`` is bit-identical to the untouched model.
 
 Adding an architecture is one :class:`Case` entry here (plus its spec in ``patches/`` if the structure is new).
-Qwen-VL-Chat and GLM-4V (remote code) have the same checks in ``test_memvr_remote.py`` / ``test_dola_remote.py``.
 """
 from __future__ import annotations
 
@@ -35,8 +34,10 @@ from hallupatch.layer_contrast import candidate_layers
 from hallupatch.testing.families import build_checkpoint, load_checkpoint
 from hallupatch.testing.tiny import build_tiny_llava_checkpoint, tiny_image
 
+import tiny_remote
 from dola_oracle import float64_step
-from memvr_reference import memvr_reference_decoder
+from memvr_reference import memvr_reference_decoder, memvr_reference_hooks
+from remote_code_fixtures import load as load_remote
 
 LAYERS = 6                      # checked layers 1..4 with the window below
 WINDOW = dict(starting_layer=0, ending_layer=LAYERS - 1)
@@ -56,27 +57,166 @@ TEXT_ONLY_PROMPT = "USER: what is a dog ? ASSISTANT:"
 # ---------------------------------------------------------------------------------------------
 # per-architecture access, written from the published architectures (not through hallupatch's specs)
 # ---------------------------------------------------------------------------------------------
-def language_model_parts(model):
-    """(decoder with .layers / .norm, lm_head) of a ``*ForCausalLM`` or a LLaVA-style ``language_model``."""
+@dataclass
+class Decoder:
+    """What the references need: the decoder layers, final norm and LM head, each layer's feed-forward
+    module and its input / output projection weights (DESIGN 4b's W_in, W_out)."""
+
+    layers: torch.nn.ModuleList
+    norm: torch.nn.Module
+    head: torch.nn.Module
+    mlp: Callable = lambda layer: layer.mlp
+    w_in: Callable = lambda layer: layer.mlp.up_proj.weight
+    w_out: Callable = lambda layer: layer.mlp.down_proj.weight
+
+
+def language_model_decoder(model):
+    """A ``*ForCausalLM`` or a LLaVA-style model's ``language_model``."""
     lm = getattr(model, "language_model", model)
-    return lm.model, lm.lm_head
+    return Decoder(lm.model.layers, lm.model.norm, lm.lm_head)
 
 
-def idefics2_parts(model):
-    return model.model.text_model, model.lm_head
+def idefics2_decoder(model):
+    return Decoder(model.model.text_model.layers, model.model.text_model.norm, model.lm_head)
 
 
+def qwen_decoder(model):
+    t = model.transformer
+    return Decoder(t.h, t.ln_f, model.lm_head, w_in=lambda layer: layer.mlp.w1.weight,
+                   w_out=lambda layer: layer.mlp.c_proj.weight)
+
+
+def glm_decoder(model):
+    t = model.transformer
+    return Decoder(t.encoder.layers, t.encoder.final_layernorm, t.output_layer,
+                   w_in=lambda layer: layer.mlp.dense_h_to_4h.weight, w_out=lambda layer: layer.mlp.dense_4h_to_h.weight)
+
+
+# where each image's rows sit in the sequence the first layer sees: (rows of the images, rows of the text)
+def expanded_placeholders(token, width=1):
+    """Each image's ``width`` placeholder tokens (from the first ``token``) became the image's rows (LLaVA: the
+    ``<image>`` token; GLM-4V: ``<boi> x <eoi>``); all images of a sample have as many rows."""
+    def rows(ids, seq_len):
+        marks = (ids == token).nonzero().flatten().tolist()
+        per_image = (seq_len - ids.shape[0]) // len(marks) + width
+        image_rows, text_rows, shift = [], [], 0
+        previous = 0
+        for at in marks:
+            text_rows += [(i, i + shift) for i in range(previous, at)]
+            image_rows += list(range(at + shift, at + shift + per_image))
+            shift += per_image - width
+            previous = at + width
+        text_rows += [(i, i + shift) for i in range(previous, ids.shape[0])]
+        return image_rows, text_rows
+    return rows
+
+
+def placeholder_per_row(token):
+    """One placeholder per visual row, replaced in place (Idefics2)."""
+    def rows(ids, seq_len):
+        image = (ids == token).nonzero().flatten().tolist()
+        return image, [(i, i) for i in range(ids.shape[0]) if i not in set(image)]
+    return rows
+
+
+def between_markers(start, end):
+    """The positions strictly between ``start`` and ``end`` markers are replaced in place (Qwen-VL)."""
+    def rows(ids, seq_len):
+        image, inside = [], False
+        for i, token in enumerate(ids.tolist()):
+            if token == end:
+                inside = False
+            if inside:
+                image.append(i)
+            if token == start:
+                inside = True
+        return image, [(i, i) for i in range(ids.shape[0]) if i not in set(image)]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+def processor_inputs(case, processor, indices, workdir, prompts=None):
+    prompts = prompts or [VLM_PROMPTS[i] for i in indices]
+    return dict(processor(text=prompts, images=case.images(indices), return_tensors="pt", padding=True))
+
+
+def text_decoder_inputs(case, processor, indices, workdir):
+    ids, mask = left_pad([TEXT_PROMPTS[i] for i in indices], 0)
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def processor_text_only(processor, workdir):
+    return dict(processor.tokenizer([TEXT_ONLY_PROMPT], return_tensors="pt"))
+
+
+def text_decoder_text_only(processor, workdir):
+    return dict(input_ids=torch.tensor([TEXT_PROMPTS[3]]))
+
+
+def left_pad(rows, pad_id):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+QWEN_TEXTS = ["what is in the picture", "hi", "describe the whole scene in detail please", "which color"]
+
+
+def qwen_prompt(workdir, seeds, text):
+    tokenizer = tiny_remote.ByteTokenizer()
+    images = "".join(f"<img>{tiny_remote.write_tiny_image(workdir / f'image_{s}.png', seed=s)}</img>" for s in seeds)
+    return tokenizer.encode(images + text)
+
+
+def qwen_inputs(case, processor, indices, workdir):
+    ids, mask = left_pad([qwen_prompt(workdir, [i], QWEN_TEXTS[i]) for i in indices], tiny_remote.QWEN_EOD)
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def qwen_text_only(processor, workdir):
+    return dict(input_ids=torch.tensor([tiny_remote.ByteTokenizer().encode("only words here")]))
+
+
+GLM_TEXTS = [[7, 8, 9, 10, 11], [14, 15], [20, 21, 22, 23, 24, 25, 26, 27], [30, 31, 32]]
+
+
+def glm_inputs(case, processor, indices, workdir):
+    ids, mask = left_pad([tiny_remote.glm_prompt(GLM_TEXTS[i]) for i in indices], tiny_remote.GLM_PAD)
+    images = torch.stack([tiny_remote.glm_image_batch(1, seed=i)[0] for i in indices])
+    return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), images=images)
+
+
+def glm_text_only(processor, workdir):
+    ids = torch.tensor([tiny_remote.glm_prompt([7, 8, 9], with_image=False)])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+# ---------------------------------------------------------------------------------------------
+# the architectures
+# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
     id: str
     architecture: str             # the class name, as hallupatch.supported() lists it
     family: str                   # the registered spec that must be detected
     build: Callable               # build(path) -> checkpoint folder
-    decoder: Callable = language_model_parts
-    vision: bool = True
-    expands_image_token: bool = True   # one <image> token becomes the image's rows (LLaVA); else one token per row
+    load: Callable = load_checkpoint   # load(path) -> (model, processor or None)
+    decoder: Callable = language_model_decoder
+    inputs: Callable = processor_inputs
+    text_only: Callable = processor_text_only
+    visual_rows: Optional[Callable] = None   # model -> rows(ids, seq_len); None: a text decoder
+    by_hand: bool = True          # llama-structured layers: the reference runs them by hand; else through hooks
+    activation: Callable = lambda x: x   # the family's adapter activation
+    multi_image: bool = True      # a prompt may hold several images
     image_size: tuple = (56, 56)
     tied: bool = False            # input and output embeddings shared (Gemma)
+
+    @property
+    def vision(self) -> bool:
+        return self.visual_rows is not None
 
     def images(self, indices):
         images = [tiny_image(i, 56).resize(self.image_size) for i in indices]
@@ -93,23 +233,52 @@ def _llava_hf(path):
     return build_tiny_llava_checkpoint(path, num_layers=LAYERS)
 
 
+def _remote_builder(family):
+    layers = {"qwen": "num_hidden_layers", "chatglm": "num_layers"}[family]
+
+    def build(path):
+        return tiny_remote.build_tiny_checkpoint(path, family, seed=1, **{layers: LAYERS})
+    return build
+
+
+def _remote_load(path):
+    return load_remote(path), None
+
+
+def _llava_rows(model):
+    return expanded_placeholders(model.config.image_token_index)
+
+
 CASES = [
-    Case("llava-hf", "LlavaForConditionalGeneration", "llama", _llava_hf),
+    Case("llava-hf", "LlavaForConditionalGeneration", "llama", _llava_hf, visual_rows=_llava_rows),
     Case("llava-next-vicuna", "LlavaNextForConditionalGeneration", "llava_next", _builder("llava_next"),
-         image_size=(56, 40)),   # not square: the anyres grid is unpadded
-    Case("llava-next-mistral", "LlavaNextForConditionalGeneration", "llava_next", _builder("llava_next_mistral")),
-    Case("vipllava", "VipLlavaForConditionalGeneration", "llama", _builder("vipllava")),
-    Case("idefics2", "Idefics2ForConditionalGeneration", "idefics2", _builder("idefics2"), decoder=idefics2_parts,
-         expands_image_token=False),
-    Case("llama", "LlamaForCausalLM", "llama", _builder("llama"), vision=False),
-    Case("llama3-128k-vocab", "LlamaForCausalLM", "llama", _builder("llama3"), vision=False),
-    Case("mistral", "MistralForCausalLM", "llama", _builder("mistral"), vision=False),
-    Case("qwen2", "Qwen2ForCausalLM", "llama", _builder("qwen2"), vision=False),
-    Case("gemma", "GemmaForCausalLM", "llama", _builder("gemma"), vision=False, tied=True),
+         visual_rows=_llava_rows, image_size=(56, 40)),   # not square: the anyres grid is unpadded
+    Case("llava-next-mistral", "LlavaNextForConditionalGeneration", "llava_next", _builder("llava_next_mistral"),
+         visual_rows=_llava_rows),
+    Case("vipllava", "VipLlavaForConditionalGeneration", "llama", _builder("vipllava"), visual_rows=_llava_rows),
+    Case("idefics2", "Idefics2ForConditionalGeneration", "idefics2", _builder("idefics2"), decoder=idefics2_decoder,
+         visual_rows=lambda model: placeholder_per_row(model.config.image_token_id)),
+    Case("llama", "LlamaForCausalLM", "llama", _builder("llama"), inputs=text_decoder_inputs,
+         text_only=text_decoder_text_only),
+    Case("llama3-128k-vocab", "LlamaForCausalLM", "llama", _builder("llama3"), inputs=text_decoder_inputs,
+         text_only=text_decoder_text_only),
+    Case("mistral", "MistralForCausalLM", "llama", _builder("mistral"), inputs=text_decoder_inputs,
+         text_only=text_decoder_text_only),
+    Case("qwen2", "Qwen2ForCausalLM", "llama", _builder("qwen2"), inputs=text_decoder_inputs,
+         text_only=text_decoder_text_only),
+    Case("gemma", "GemmaForCausalLM", "llama", _builder("gemma"), inputs=text_decoder_inputs,
+         text_only=text_decoder_text_only, tied=True),
+    Case("qwen-vl-chat", "QWenLMHeadModel", "qwen", _remote_builder("qwen"), load=_remote_load, decoder=qwen_decoder,
+         inputs=qwen_inputs, text_only=qwen_text_only, by_hand=False, activation=torch.nn.functional.silu,
+         visual_rows=lambda model: between_markers(tiny_remote.QWEN_IMG_START, tiny_remote.QWEN_IMG_START + 1)),
+    Case("glm-4v", "ChatGLMForConditionalGeneration", "chatglm", _remote_builder("chatglm"), load=_remote_load,
+         decoder=glm_decoder, inputs=glm_inputs, text_only=glm_text_only, by_hand=False,
+         activation=torch.nn.functional.silu, multi_image=False,   # GLM-4V takes one image per conversation
+         visual_rows=lambda model: expanded_placeholders(tiny_remote.GLM_BOI, width=3)),
 ]
-# tested elsewhere: remote code (test_memvr_remote.py, test_dola_remote.py), the original LLaVA repository's
-# class (test_llama_family.py, a stand-in: its package is not a dependency)
-TESTED_ELSEWHERE = {"QWenLMHeadModel", "ChatGLMForConditionalGeneration", "LlavaLlamaForCausalLM"}
+# the original LLaVA repository's class is tested in test_llama_family.py (a stand-in: its package is not a
+# dependency)
+TESTED_ELSEWHERE = {"LlavaLlamaForCausalLM"}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.id for c in CASES])
@@ -123,8 +292,14 @@ def checkpoint(case, tmp_path_factory):
 
 
 @pytest.fixture()
-def loaded(checkpoint):
-    return load_checkpoint(checkpoint)
+def loaded(case, checkpoint):
+    return case.load(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def workdir(checkpoint):
+    """Where prompts that name image files (Qwen-VL) keep them."""
+    return checkpoint.parent
 
 
 def memories(case, model, indices):
@@ -135,20 +310,12 @@ def memories(case, model, indices):
     return [torch.randn(5 + i, hidden, generator=torch.Generator().manual_seed(100 + i)) for i in indices]
 
 
-def prepare(case, model, processor, indices):
+def prepare(case, model, processor, indices, workdir):
     """Inputs of the samples ``indices`` (left-padded when several) and, for a text decoder, their memory set."""
     memory = memories(case, model, indices)
     if get_patch(model) is not None and memory is not None:
         hallupatch.set_visual_memory(model, memory)
-    if case.vision:
-        inputs = processor(text=[VLM_PROMPTS[i] for i in indices], images=case.images(indices), return_tensors="pt",
-                           padding=True)
-        return dict(inputs)
-    rows = [TEXT_PROMPTS[i] for i in indices]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return dict(input_ids=ids, attention_mask=mask)
+    return case.inputs(case, processor, indices, workdir)
 
 
 def quiet_generate(model, **kwargs):
@@ -158,56 +325,50 @@ def quiet_generate(model, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# the float64 MemVR reference, fed with what the first decoder layer sees
+# the float64 MemVR references, fed with what the first decoder layer sees
 # ---------------------------------------------------------------------------------------------
+class StopForward(Exception):
+    """Ends a forward pass once the first decoder layer's input is seen."""
+
+
 def first_layer_input(case, model, inputs):
-    """float64 copy of the model, the (seq, hidden) sequence entering its first decoder layer, and the
-    visual memory read off that sequence (``None`` for a text decoder)."""
+    """The (seq, hidden) float64 sequence entering the first decoder layer of a one-sample input and the
+    visual memory read off it (``None`` for a text decoder). Run in the model's float32: transformers 4.40's
+    Mistral-style mask builder cannot make float64 masks."""
     seen = []
 
-    def stop_at_first_layer(module, args):
-        seen.append(args[0][0].double())
+    def stop_at_first_layer(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"])[0].double())
         raise StopForward
 
-    handle = case.decoder(model)[0].layers[0].register_forward_pre_hook(stop_at_first_layer)
+    handle = case.decoder(model).layers[0].register_forward_pre_hook(stop_at_first_layer, with_kwargs=True)
     try:
         model(**inputs)
     except StopForward:
         pass
     finally:
         handle.remove()
-    # (run in the model's float32: transformers 4.40's Mistral-style mask builder cannot make float64 masks)
-    double = copy.deepcopy(model).double()
     sequence = seen[0]
-    ids = inputs["input_ids"][0]
     if not case.vision:
-        return double, sequence, None
-    image_token = model.config.image_token_index if case.expands_image_token else model.config.image_token_id
-    marks = (ids == image_token).nonzero().flatten().tolist()
-    text = double.get_input_embeddings()(ids)
-    if case.expands_image_token:
-        assert len(marks) == 1
-        at, rows = marks[0], sequence.shape[0] - ids.shape[0] + 1
-        memory = sequence[at:at + rows]
-        text_rows = torch.cat([sequence[:at], sequence[at + rows:]])
-        text_ids = torch.cat([ids[:at], ids[at + 1:]])
-    else:
-        is_image = ids == image_token
-        memory, text_rows, text_ids = sequence[is_image], sequence[~is_image], ids[~is_image]
+        return sequence, None
+    ids = inputs["input_ids"][0]
+    image_rows, text_rows = case.visual_rows(model)(ids, sequence.shape[0])
     # the split is right: every other row is its token's embedding
-    torch.testing.assert_close(text_rows, double.get_input_embeddings()(text_ids), rtol=0, atol=0)
-    assert text.shape[0] == ids.shape[0]
-    return double, sequence, memory
+    token_rows = model.get_input_embeddings()(ids[[i for i, _ in text_rows]]).double()
+    torch.testing.assert_close(sequence[[j for _, j in text_rows]], token_rows, rtol=0, atol=0)
+    return sequence, sequence[image_rows]
 
 
-class StopForward(Exception):
-    """Ends a forward pass once the first decoder layer's input is seen."""
-
-
-def reference(case, double, sequence, memory, threshold):
-    decoder, head = case.decoder(double)
-    return memvr_reference_decoder(decoder, head, sequence, memory, ratio=0.5, threshold=threshold,
-                                   start=WINDOW["starting_layer"], end=WINDOW["ending_layer"])
+def reference(case, model, inputs, sequence, memory, threshold):
+    """MemVR on one sample in float64: (logits, trigger layer, entropies)."""
+    double = copy.deepcopy(model).double()
+    parts = case.decoder(double)
+    knobs = dict(ratio=0.5, threshold=threshold, start=WINDOW["starting_layer"], end=WINDOW["ending_layer"],
+                 activation=case.activation)
+    if case.by_hand:
+        return memvr_reference_decoder(parts, parts.head, sequence, memory, **knobs)
+    wide = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
+    return memvr_reference_hooks(double, parts, wide, memory, **knobs)
 
 
 def separating_thresholds(entropies, margin=0.01):
@@ -249,14 +410,14 @@ def test_readme_family_table_lists_every_architecture_and_its_example_runs(capsy
     assert capsys.readouterr().out.strip() == str(hallupatch.supported())
 
 
-def test_early_exit_head_is_the_logit_lens(case, loaded):
+def test_early_exit_head_is_the_logit_lens(case, loaded, workdir):
     """``early_exit_logits`` = ``lm_head(final_norm(h))`` (``norm=False``: ``lm_head(h)``) at every hidden-state
     index, against float64 copies of the norm and head; index N is the model's own logits."""
     model, processor = loaded
-    inputs = prepare(case, model, processor, [2])
+    inputs = prepare(case, model, processor, [2], workdir)
     out = model(**inputs, output_hidden_states=True)
-    decoder, head = case.decoder(model)
-    norm64, head64 = copy.deepcopy(decoder.norm).double(), copy.deepcopy(head).double()
+    parts = case.decoder(model)
+    norm64, head64 = copy.deepcopy(parts.norm).double(), copy.deepcopy(parts.head).double()
     assert len(out.hidden_states) == LAYERS + 1
     for k in range(LAYERS):
         h = out.hidden_states[k].double()
@@ -267,7 +428,7 @@ def test_early_exit_head_is_the_logit_lens(case, loaded):
     assert torch.equal(hallupatch.early_exit_logits(model, out.hidden_states, LAYERS), out.logits)
 
 
-def test_tied_embeddings_rule(case, loaded):
+def test_tied_embeddings_rule(case, loaded, workdir):
     """DoLa skips hidden-state indices 0 and 1 when the LM head is the input embedding (Gemma): there the
     embedding output's early exit, ``E·(sqrt(d)·E[x])`` for Gemma's scaled embeddings, just repeats the
     input token; the scale only sharpens that copy, so the rule applies unchanged."""
@@ -276,43 +437,45 @@ def test_tied_embeddings_rule(case, loaded):
     model, processor = loaded
     parts = hallupatch.apply(model, "dola")._hallupatch.parts
     assert tied_embeddings(parts) == case.tied
+    assert candidate_layers("low", LAYERS, case.tied)[0] == (2 if case.tied else 0)
+    hallupatch.apply(model, "dola", candidate_layers="low")
+    assert get_patch(model).methods["dola"].candidates == candidate_layers("low", LAYERS, case.tied)
     if case.tied:
-        inputs = prepare(case, model, processor, [2])
+        inputs = prepare(case, model, processor, [2], workdir)
         embedded = model(**inputs, output_hidden_states=True).hidden_states[0]
         copies = hallupatch.early_exit_logits(model, embedded, 0, norm=False).argmax(-1)
         assert torch.equal(copies, inputs["input_ids"])
 
 
-def test_memvr_matches_float64_reference_early_late_never(case, loaded):
+def test_memvr_matches_float64_reference_early_late_never(case, loaded, workdir):
     model, processor = loaded
     first_checked = WINDOW["starting_layer"] + 1
+
+    def sample(index):
+        inputs = prepare(case, model, processor, [index], workdir)
+        sequence, seen_memory = first_layer_input(case, model, inputs)
+        memory = seen_memory if case.vision else memories(case, model, [index])[0].double()
+        return inputs, sequence, memory
+
     found = {}
     for index in range(len(VLM_PROMPTS)):
-        inputs = prepare(case, model, processor, [index])
-        memory = memories(case, model, [index])
-        double, sequence, seen_memory = first_layer_input(case, model, inputs)
-        memory = seen_memory if case.vision else memory[0].double()
-        _, _, entropies = reference(case, double, sequence, memory, threshold=2.0)
+        _, _, entropies = reference(case, model, *sample(index), threshold=2.0)
         for layer, threshold in separating_thresholds(entropies).items():
-            kind = "early" if layer == first_checked else "late"
-            found.setdefault(kind, (index, layer, threshold))
+            found.setdefault("early" if layer == first_checked else "late", (index, layer, threshold))
         found.setdefault("never", (index, None, 1.5))   # normalised entropy is at most 1
         if len(found) == 3:
             break
     assert set(found) == {"early", "late", "never"}, f"no separable entropies for {case.id}: {found}"
     for kind, (index, layer, threshold) in found.items():
-        inputs = prepare(case, model, processor, [index])
-        double, sequence, seen_memory = first_layer_input(case, model, inputs)
-        memory = seen_memory if case.vision else memories(case, model, [index])[0].double()
-        expected, trigger, _ = reference(case, double, sequence, memory, threshold)
+        inputs, sequence, memory = sample(index)
+        expected, trigger, _ = reference(case, model, inputs, sequence, memory, threshold)
         assert trigger == layer
         vanilla = model(**inputs).logits[0]
         hallupatch.apply(model, "memvr", entropy_threshold=threshold, retracing_ratio=0.5, **WINDOW)
         if not case.vision:
             hallupatch.set_visual_memory(model, memories(case, model, [index]))
         logits = model(**inputs).logits[0]
-        patch = get_patch(model)
-        captured = patch.generation.visual_memory[0]
+        captured = get_patch(model).generation.visual_memory[0]
         assert hallupatch.get_trace(model).passes[0].trigger_layer == [layer], kind
         hallupatch.remove(model)
         torch.testing.assert_close(captured.double(), memory, rtol=1e-5, atol=1e-5)   # the memory is what was merged
@@ -323,16 +486,13 @@ def test_memvr_matches_float64_reference_early_late_never(case, loaded):
             assert (logits - vanilla).abs().max() > 1e-3, f"retracing ({kind}) must change the logits"
 
 
-def test_dola_matches_float64_oracle_every_step_and_batch_equals_single(case, loaded):
+def test_dola_matches_float64_oracle_every_step_and_batch_equals_single(case, loaded, workdir):
     model, processor = loaded
-    decoder, head = case.decoder(model)
-    assert candidate_layers("low", LAYERS, case.tied)[0] == (2 if case.tied else 0)
-    hallupatch.apply(model, "dola", candidate_layers="low")
-    assert get_patch(model).methods["dola"].candidates == candidate_layers("low", LAYERS, case.tied)
+    head = case.decoder(model).head
     candidates = list(range(LAYERS))
     hallupatch.apply(model, "dola", candidate_layers=candidates)
     indices = [0, 2]
-    inputs = prepare(case, model, processor, indices)
+    inputs = prepare(case, model, processor, indices, workdir)
     out = quiet_generate(model, **inputs, **NEVER_STOP, return_dict_in_generate=True, output_scores=True,
                          output_logits=True, output_hidden_states=True)
     chosen = hallupatch.get_trace(model, "dola").layers()
@@ -346,7 +506,7 @@ def test_dola_matches_float64_oracle_every_step_and_batch_equals_single(case, lo
             keep = torch.isfinite(expected)
             torch.testing.assert_close(actual[keep], expected[keep], rtol=1e-4, atol=1e-4)
     for row, index in enumerate(indices):
-        alone = quiet_generate(model, **prepare(case, model, processor, [index]), **NEVER_STOP,
+        alone = quiet_generate(model, **prepare(case, model, processor, [index], workdir), **NEVER_STOP,
                                return_dict_in_generate=True, output_scores=True)
         assert torch.equal(alone.sequences[0, -STEPS:], out.sequences[row, -STEPS:])
         for step in range(STEPS):
@@ -354,60 +514,66 @@ def test_dola_matches_float64_oracle_every_step_and_batch_equals_single(case, lo
     hallupatch.remove(model)
 
 
-def test_each_sample_gets_the_tokens_of_its_own_images(case, loaded):
+def multi_image_inputs(case, processor, workdir):
+    """A prompt with images 5 and 6, then one with image 7; and each image alone."""
+    if case.family == "qwen":
+        rows = [qwen_prompt(workdir, [5, 6], QWEN_TEXTS[0]), qwen_prompt(workdir, [7], QWEN_TEXTS[1])]
+        ids, mask = left_pad(rows, tiny_remote.QWEN_EOD)
+        singles = [dict(input_ids=torch.tensor([qwen_prompt(workdir, [s], QWEN_TEXTS[1])])) for s in (5, 6, 7)]
+        return dict(input_ids=ids, attention_mask=mask), singles
+    images = case.images([5, 6, 7])
+    both = [images[0] + images[1], images[2]] if case.architecture.startswith("Idefics2") else images
+    two = VLM_PROMPTS[0].replace("<image>", "<image> <image>")
+    batch = dict(processor(text=[two, VLM_PROMPTS[1]], images=both, return_tensors="pt", padding=True))
+    singles = [dict(processor(text=[VLM_PROMPTS[1]], images=[image], return_tensors="pt")) for image in images]
+    return batch, singles
+
+
+def test_each_sample_gets_the_tokens_of_its_own_images(case, loaded, workdir):
     """A prompt with two images and one with one, batched: each sample's memory is its images' tokens, in
     order (several images or sub-images of one sample are one memory)."""
-    if not case.vision:
-        pytest.skip("a text decoder has no images (its memory is given with set_visual_memory)")
+    if not (case.vision and case.multi_image):
+        pytest.skip("one image per prompt at most (a text decoder's memory is given with set_visual_memory)")
     model, processor = loaded
-    two = VLM_PROMPTS[0].replace("<image>", "<image> <image>")
-    images = case.images([5, 6, 7])
-    if case.architecture.startswith("Idefics2"):
-        nested = [images[0] + images[1], images[2]]
-    else:
-        nested = images
     hallupatch.apply(model, "memvr", entropy_threshold=float("inf"), **WINDOW)
 
-    def memory_of(texts, pictures):
-        quiet_generate(model, **processor(text=texts, images=pictures, return_tensors="pt", padding=True),
-                       max_new_tokens=1, do_sample=False)
+    def memory_of(inputs):
+        quiet_generate(model, **inputs, max_new_tokens=1, do_sample=False)
         return get_patch(model).generation.visual_memory
 
-    batch = memory_of([two, VLM_PROMPTS[1]], nested)
-    singles = [memory_of([VLM_PROMPTS[1]], [picture])[0] for picture in images]
+    batch_inputs, single_inputs = multi_image_inputs(case, processor, workdir)
+    batch = memory_of(batch_inputs)
+    singles = [memory_of(inputs)[0] for inputs in single_inputs]
     assert [m.shape[0] for m in batch] == [singles[0].shape[0] * 2, singles[2].shape[0]]
     torch.testing.assert_close(batch[0], torch.cat(singles[:2]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(batch[1], singles[2], rtol=1e-5, atol=1e-6)
 
 
-def test_memvr_left_padded_batch_equals_samples_alone(case, loaded):
+def test_memvr_left_padded_batch_equals_samples_alone(case, loaded, workdir):
     model, processor = loaded
     indices = [0, 1, 2]
     hallupatch.apply(model, "memvr", entropy_threshold=float("inf"), **WINDOW)
-    model(**prepare(case, model, processor, indices))
+    model(**prepare(case, model, processor, indices, workdir))
     values = sorted(v for row in hallupatch.get_trace(model).passes[0].entropies for v in row.values())
     threshold = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2   # fires at some layers, not all
     hallupatch.apply(model, "memvr", entropy_threshold=threshold, retracing_ratio=0.5, **WINDOW)
-    batch = prepare(case, model, processor, indices)
+    batch = prepare(case, model, processor, indices, workdir)
     assert not batch["attention_mask"].all(), "the prompts must differ in length"
     out = quiet_generate(model, **batch, **GREEDY)
     batch_triggers = hallupatch.get_trace(model).trigger_layers()
     for row, index in enumerate(indices):
-        alone = quiet_generate(model, **prepare(case, model, processor, [index]), **GREEDY)
+        alone = quiet_generate(model, **prepare(case, model, processor, [index], workdir), **GREEDY)
         assert out[row, -STEPS:].tolist() == alone[0, -STEPS:].tolist()
         assert batch_triggers[row] == hallupatch.get_trace(model).trigger_layers()[0]
     assert any(layer is not None for row in batch_triggers for layer in row)
 
 
-def test_text_only_prompt_after_image_prompt_equals_unpatched(case, loaded, checkpoint):
+def test_text_only_prompt_after_image_prompt_equals_unpatched(case, loaded, checkpoint, workdir):
     model, processor = loaded
-    untouched, _ = load_checkpoint(checkpoint)
-    if case.vision:
-        text = dict(processor.tokenizer([TEXT_ONLY_PROMPT], return_tensors="pt"))
-    else:
-        text = dict(input_ids=torch.tensor([TEXT_PROMPTS[3]]))
+    untouched, _ = case.load(checkpoint)
+    text = case.text_only(processor, workdir)
     hallupatch.apply(model, "memvr", entropy_threshold=0.0, retracing_ratio=0.9, **WINDOW)   # any memory fires
-    quiet_generate(model, **prepare(case, model, processor, [0]), **GREEDY)
+    quiet_generate(model, **prepare(case, model, processor, [0], workdir), **GREEDY)
     assert hallupatch.get_trace(model).trigger_layers()[0][0] is not None
     if not case.vision:
         hallupatch.set_visual_memory(model, None)
@@ -420,10 +586,10 @@ def test_text_only_prompt_after_image_prompt_equals_unpatched(case, loaded, chec
         assert torch.equal(a, b)
 
 
-def test_remove_is_bit_identical(case, loaded, checkpoint):
+def test_remove_is_bit_identical(case, loaded, checkpoint, workdir):
     model, processor = loaded
-    untouched, _ = load_checkpoint(checkpoint)
-    inputs = prepare(case, model, processor, [1])
+    untouched, _ = case.load(checkpoint)
+    inputs = prepare(case, model, processor, [1], workdir)
     expected = untouched(**inputs).logits
     hooks = _hook_count(model)
     config = [hallupatch.MemVRConfig(entropy_threshold=0.0, retracing_ratio=0.5, **WINDOW),
