@@ -607,3 +607,23 @@ def test_remove_is_bit_identical(case, loaded, checkpoint, workdir):
 
 def _hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_idefics2_image_splitting_keeps_the_sub_images_of_a_sample_in_one_memory():
+    """With ``do_image_splitting`` each image is five sub-images (four crops and the whole image), each with
+    its own placeholders: a sample's memory is all of them, and the other sample's is its own alone."""
+    from hallupatch.testing.families import IDEFICS2_LATENTS, tiny_vlm
+
+    model, processor = tiny_vlm("idefics2")
+    processor.image_processor.do_image_splitting = True
+    images = [tiny_image(i, 56) for i in range(3)]
+    hallupatch.apply(model, "memvr", entropy_threshold=float("inf"), starting_layer=0, ending_layer=3)
+
+    def memory_of(texts, pictures):
+        quiet_generate(model, **processor(text=texts, images=pictures, return_tensors="pt", padding=True),
+                       max_new_tokens=1, do_sample=False)
+        return get_patch(model).generation.visual_memory
+
+    batch = memory_of(["USER: <image> <image>\nhi ASSISTANT:", VLM_PROMPTS[1]], [images[:2], images[2:]])
+    assert [m.shape[0] for m in batch] == [2 * 5 * IDEFICS2_LATENTS, 5 * IDEFICS2_LATENTS]
+    torch.testing.assert_close(batch[1], memory_of([VLM_PROMPTS[1]], [images[2:]])[0], rtol=1e-5, atol=1e-6)
