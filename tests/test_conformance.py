@@ -211,6 +211,9 @@ class Case:
     by_hand: bool = True          # llama-structured layers: the reference runs them by hand; else through hooks
     activation: Callable = lambda x: x   # the family's adapter activation
     multi_image: bool = True      # a prompt may hold several images
+    recipe: Optional[str] = None  # the eval recipe detected from config.json (None: a text decoder)
+    # the published prompt, written out here; None: the eval run is not testable here (no tokenizer files)
+    eval_prompt: Optional[str] = None
     image_size: tuple = (56, 56)
     tied: bool = False            # input and output embeddings shared (Gemma)
 
@@ -249,15 +252,26 @@ def _llava_rows(model):
     return expanded_placeholders(model.config.image_token_index)
 
 
+VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the user's questions. USER: <image>\n{question} ASSISTANT:")
+MISTRAL_INSTRUCT = "[INST] <image>\n{question} [/INST]"
+VIP_LLAVA = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+             "detailed, and polite answers to the human's questions.###Human: <image>\n{question}###Assistant:")
+IDEFICS2_CHAT = "User:<image>{question}<end_of_utterance>\nAssistant:"
+
 CASES = [
-    Case("llava-hf", "LlavaForConditionalGeneration", "llama", _llava_hf, visual_rows=_llava_rows),
+    Case("llava-hf", "LlavaForConditionalGeneration", "llama", _llava_hf, visual_rows=_llava_rows,
+         recipe="llava-hf", eval_prompt=VICUNA_V1),
     Case("llava-next-vicuna", "LlavaNextForConditionalGeneration", "llava_next", _builder("llava_next"),
-         visual_rows=_llava_rows, image_size=(56, 40)),   # not square: the anyres grid is unpadded
+         visual_rows=_llava_rows, image_size=(56, 40),   # not square: the anyres grid is unpadded
+         recipe="llava-next-vicuna", eval_prompt=VICUNA_V1),
     Case("llava-next-mistral", "LlavaNextForConditionalGeneration", "llava_next", _builder("llava_next_mistral"),
-         visual_rows=_llava_rows),
-    Case("vipllava", "VipLlavaForConditionalGeneration", "llama", _builder("vipllava"), visual_rows=_llava_rows),
+         visual_rows=_llava_rows, recipe="llava-next-mistral", eval_prompt=MISTRAL_INSTRUCT),
+    Case("vipllava", "VipLlavaForConditionalGeneration", "llama", _builder("vipllava"), visual_rows=_llava_rows,
+         recipe="vipllava", eval_prompt=VIP_LLAVA),
     Case("idefics2", "Idefics2ForConditionalGeneration", "idefics2", _builder("idefics2"), decoder=idefics2_decoder,
-         visual_rows=lambda model: placeholder_per_row(model.config.image_token_id)),
+         visual_rows=lambda model: placeholder_per_row(model.config.image_token_id), recipe="idefics2",
+         eval_prompt=IDEFICS2_CHAT),
     Case("llama", "LlamaForCausalLM", "llama", _builder("llama"), inputs=text_decoder_inputs,
          text_only=text_decoder_text_only),
     Case("llama3-128k-vocab", "LlamaForCausalLM", "llama", _builder("llama3"), inputs=text_decoder_inputs,
@@ -270,10 +284,12 @@ CASES = [
          text_only=text_decoder_text_only, tied=True),
     Case("qwen-vl-chat", "QWenLMHeadModel", "qwen", _remote_builder("qwen"), load=_remote_load, decoder=qwen_decoder,
          inputs=qwen_inputs, text_only=qwen_text_only, by_hand=False, activation=torch.nn.functional.silu,
+         recipe="qwen-vl",
          visual_rows=lambda model: between_markers(tiny_remote.QWEN_IMG_START, tiny_remote.QWEN_IMG_START + 1)),
     Case("glm-4v", "ChatGLMForConditionalGeneration", "chatglm", _remote_builder("chatglm"), load=_remote_load,
          decoder=glm_decoder, inputs=glm_inputs, text_only=glm_text_only, by_hand=False,
          activation=torch.nn.functional.silu, multi_image=False,   # GLM-4V takes one image per conversation
+         recipe="glm-4v",
          visual_rows=lambda model: expanded_placeholders(tiny_remote.GLM_BOI, width=3)),
 ]
 # the original LLaVA repository's class is tested in test_llama_family.py (a stand-in: its package is not a
@@ -627,3 +643,59 @@ def test_idefics2_image_splitting_keeps_the_sub_images_of_a_sample_in_one_memory
     batch = memory_of(["USER: <image> <image>\nhi ASSISTANT:", VLM_PROMPTS[1]], [images[:2], images[2:]])
     assert [m.shape[0] for m in batch] == [2 * 5 * IDEFICS2_LATENTS, 5 * IDEFICS2_LATENTS]
     torch.testing.assert_close(batch[1], memory_of([VLM_PROMPTS[1]], [images[2:]])[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mme_sample(tmp_path_factory):
+    from hallupatch.eval.sample import write_mme_sample
+
+    return write_mme_sample(tmp_path_factory.mktemp("mme") / "MME_Benchmark_release_version")
+
+
+def test_eval_cli_answers_an_mme_sample_with_the_published_prompt(case, checkpoint, mme_sample, tmp_path, monkeypatch):
+    """``python -m hallupatch.eval mme --model CHECKPOINT`` detects the recipe from config.json, loads the model
+    with its processor, and the model receives the published prompt (checked token for token against the
+    processor's encoding of the template written out in this file) for every question of a 4-question sample."""
+    from hallupatch.eval import cli, models
+    from hallupatch.eval.store import read_answers
+    from hallupatch.eval.tasks.mme import load_mme_folder
+    from transformers import AutoProcessor
+
+    if case.recipe is None:
+        pytest.skip("a text decoder: no image benchmark")
+    assert models.detect_recipe(str(checkpoint)) == case.recipe
+    if case.eval_prompt is None:
+        pytest.skip("the tiny remote-code checkpoints ship no tokenizer files for the eval loader")
+    prefills = []
+
+    def record_prefill(module, args, kwargs):
+        if kwargs.get("pixel_values") is not None and kwargs["input_ids"].shape[1] > 1:
+            prefills.append((kwargs["input_ids"], kwargs["attention_mask"]))
+
+    load = models.load_backend
+
+    def recording_load(*args, **kwargs):
+        backend = load(*args, **kwargs)
+        backend.model.register_forward_pre_hook(record_prefill, with_kwargs=True)
+        return backend
+
+    monkeypatch.setattr(models, "load_backend", recording_load)
+    out = tmp_path / "out"
+    scores = cli.run(["mme", "--model", str(checkpoint), "--data", str(mme_sample), "--limit", "4", "--batch-size", "2",
+                      "--max-new-tokens", "2", "--method", "memvr", "--starting-layer", "0", "--ending-layer",
+                      str(LAYERS - 1), "--device", "cpu", "--output", str(out), "--no-progress"])
+    answers = read_answers(out / "answers.jsonl")
+    assert scores["questions"] == len(answers) == 4 and all("memvr" in a for a in answers)
+    questions = load_mme_folder(mme_sample)[:4]
+    short = [q.question.replace(" Please answer yes or no.", "") + "\nAnswer the question using a single word or phrase."
+             for q in questions]
+    assert [a["prompt"] for a in answers] == short
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    seen = [ids[mask.bool()] for batch_ids, batch_mask in prefills for ids, mask in zip(batch_ids, batch_mask)]
+    assert len(seen) == 4
+    for ids, question, q in zip(seen, short, questions):
+        image = [q.load_image()]
+        expected = processor(text=[case.eval_prompt.format(question=question)],
+                             images=[image] if case.architecture.startswith("Idefics2") else image,
+                             return_tensors="pt").input_ids[0]
+        assert ids.tolist() == expected.tolist()
