@@ -7,6 +7,7 @@ and :meth:`Patch.on_pass_start`; they read the per-pass state from :attr:`Patch.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Union
 
@@ -102,7 +103,10 @@ class Patch:
     # -- engine hooks ---------------------------------------------------------------------------
     def _install_engine_hooks(self) -> None:
         self.hook(self.model, self._remember_input_ids, pre=True, with_kwargs=True)
-        if self.parts.visual is not None:
+        merge = self.parts.spec.visual_merge_method
+        if merge is not None:
+            self.wrap(self.model, merge, functools.partial(self._capture_merged_visual_tokens, getattr(self.model, merge)))
+        elif self.parts.visual is not None:
             self.hook(self.parts.visual, self._capture_visual_tokens)
         self.hook(self.parts.pass_start, self._start_pass, pre=True, with_kwargs=True)
 
@@ -114,6 +118,12 @@ class Patch:
     def _capture_visual_tokens(self, module, args, output):
         tokens = self.parts.spec.visual_output(output)
         self.pending.images.append(tokens.detach())
+
+    def _capture_merged_visual_tokens(self, merge: Callable, image_features: torch.Tensor, *args, **kwargs):
+        """Stands in for the model's merge method (``FamilySpec.visual_merge_method``): its first argument is
+        the visual tokens as merged into the sequence."""
+        self.pending.images.append(self.parts.spec.visual_output(image_features).detach())
+        return merge(image_features, *args, **kwargs)
 
     def _start_pass(self, module, args, kwargs):
         info = self.parts.spec.pass_info(module, args, kwargs)
@@ -150,8 +160,10 @@ class Patch:
         token = self.parts.spec.image_token_id(self.model)
         ids = self.pending.input_ids
         if token is not None and ids is not None and ids.shape[0] == batch_size:
-            counts = (ids == token).sum(dim=1).tolist()
-            if sum(counts) == num_images:
+            per_image = self.parts.spec.tokens_per_image(self.model)
+            occurrences = (ids == token).sum(dim=1)
+            counts = (occurrences // per_image).tolist()
+            if sum(counts) == num_images and bool((occurrences % per_image == 0).all()):
                 return counts
         if num_images == batch_size:
             return [1] * batch_size

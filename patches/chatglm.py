@@ -33,6 +33,7 @@ def glm_pass_info(encoder, args, kwargs) -> PassInfo:
 CHATGLM = register_family(
     FamilySpec(
         name="chatglm",
+        architectures=("ChatGLMForConditionalGeneration",),
         pass_start_paths=("transformer.encoder",),
         layers_paths=("transformer.encoder.layers",),
         final_norm_paths=("transformer.encoder.final_layernorm",),

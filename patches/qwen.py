@@ -17,6 +17,7 @@ def qwen_pass_info(block, args, kwargs) -> PassInfo:
 QWEN = register_family(
     FamilySpec(
         name="qwen",
+        architectures=("QWenLMHeadModel",),
         pass_start_paths=("transformer.h.0",),
         layers_paths=("transformer.h",),
         final_norm_paths=("transformer.ln_f",),
