@@ -53,7 +53,7 @@ def build_configs(methods: Sequence[Method], family_defaults: Mapping[str, Mappi
                   knobs: Mapping[str, Any], method: str) -> List[MethodConfig]:
     """One validated config per method: a given config object, else the family's published defaults,
     then ``knobs`` on top (a knob that several of the methods have must come through config objects)."""
-    given = {type(c): c for c in ([] if config is None else config if isinstance(config, (list, tuple)) else [config])}
+    given = configs_by_class(methods, config, method)
     valid = {k for m in methods for k in m.config_cls.knobs()}
     unknown = sorted(set(knobs) - valid)
     if unknown:
@@ -72,6 +72,31 @@ def build_configs(methods: Sequence[Method], family_defaults: Mapping[str, Mappi
         base.update({k: v for k, v in knobs.items() if k in m.config_cls.knobs()})
         configs.append(m.config_cls.from_dict(base))
     return configs
+
+
+def configs_by_class(methods: Sequence[Method], config: Any, method: str) -> dict:
+    """``config`` (``None``, one config object or a list/tuple of them) as ``{config class: object}``.
+
+    Every object must be an instance of one of the methods' config classes, at most one per class:
+    a config that does not belong to the method is refused, never replaced by defaults.
+    """
+    given = [] if config is None else list(config) if isinstance(config, (list, tuple)) else [config]
+    expected = {m.config_cls: m.name for m in methods}
+    names = ", ".join(f"{cls.__name__} (for {name!r})" for cls, name in expected.items())
+    by_class: dict = {}
+    for obj in given:
+        owner = next((cls for cls in expected if isinstance(obj, cls)), None)
+        if owner is None:
+            raise TypeError(
+                f"config={obj!r} does not belong to method {method!r}: pass config objects of the classes "
+                f"{names}, e.g. config=hallupatch.{next(iter(expected)).__name__}(...), or knobs as keywords"
+            )
+        if owner in by_class:
+            raise ValueError(
+                f"config has two {owner.__name__} objects for method {method!r}; give one config per method"
+            )
+        by_class[owner] = obj
+    return by_class
 
 
 def remove(model: nn.Module) -> nn.Module:

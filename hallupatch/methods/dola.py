@@ -36,6 +36,9 @@ from hallupatch.spec import ModelParts, PassInfo
 #: transformers warns below this repetition penalty when decoding with DoLa
 RECOMMENDED_REPETITION_PENALTY = 1.2
 
+#: torch.Generator.manual_seed takes a 64-bit unsigned seed
+SEED_LIMIT = 2**64
+
 PriorSpec = Union[None, Sequence[float], str, os.PathLike]
 
 
@@ -115,8 +118,10 @@ class DoLaConfig(MethodConfig):
             self.layer_prior = values
         if not isinstance(self.early_exit_norm, bool):
             raise ValueError(f"early_exit_norm must be True or False; got {self.early_exit_norm!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be None or an int >= 0; got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT
+        ):
+            raise ValueError(f"seed must be None or an int with 0 <= seed < 2**64 (torch.Generator's range); got {self.seed!r}")
 
     def layers_for(self, parts: ModelParts) -> List[int]:
         """The candidate premature layers (hidden-state indices) on this model."""
