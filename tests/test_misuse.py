@@ -58,3 +58,30 @@ def test_largest_dola_seed_generates():
     with pytest.warns(UserWarning, match="repetition_penalty"):
         out = model.generate(torch.tensor([[5, 17, 33]]), max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 5)
+
+
+def test_early_exit_logits_explains_wrong_arguments():
+    import numpy as np
+
+    model = tiny_llama()
+    ids = torch.tensor([[5, 17, 33]])
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+        expected = model.lm_head(model.model.norm(hidden[2]))
+        assert torch.equal(hallupatch.early_exit_logits(model, hidden, np.int64(2)), expected)
+        with pytest.raises(TypeError, match="layer must be an int hidden-state index in \\[0, 4\\].*float"):
+            hallupatch.early_exit_logits(model, hidden, 2.0)
+        with pytest.raises(TypeError, match="layer must be an int"):
+            hallupatch.early_exit_logits(model, hidden, "2")
+        with pytest.raises(ValueError, match=r"model's hidden size 32 \(\.\.\., 32\); got shape \(1, 3, 16\)"):
+            hallupatch.early_exit_logits(model, torch.zeros(1, 3, 16), 2)
+        with pytest.raises(TypeError, match="torch.from_numpy"):
+            hallupatch.early_exit_logits(model, hidden[2].numpy(), 2)
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, output_hidden_states=True,
+                             return_dict_in_generate=True)
+        with pytest.raises(TypeError, match=r"one hidden-state tuple per generated step.*out.hidden_states\[step\]"):
+            hallupatch.early_exit_logits(model, out.hidden_states, 2)
+        assert torch.equal(hallupatch.early_exit_logits(model, out.hidden_states[1], 2),
+                           model.lm_head(model.model.norm(out.hidden_states[1][2])))
+        with pytest.raises(ValueError, match="has 3 entries; this model's output_hidden_states tuple has 5"):
+            hallupatch.early_exit_logits(model, hidden[:3], 2)
