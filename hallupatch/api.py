@@ -108,14 +108,26 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def restore_patch(model: nn.Module, previous: Optional[Patch]) -> nn.Module:
+    """Put back the patch ``previous`` (its configs and explicit visual memory), or none when ``None``;
+    what was applied meanwhile is removed."""
+    if previous is None or not previous.configs:
+        return remove(model)
+    apply(model, method="+".join(previous.configs), config=list(previous.configs.values()))
+    get_patch(model).explicit_memory = previous.explicit_memory
+    return model
+
+
 @contextlib.contextmanager
 def patched(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: Any) -> Iterator[nn.Module]:
-    """``with hallupatch.patched(model, method="memvr"): model.generate(...)``; removed on exit."""
+    """``with hallupatch.patched(model, method="memvr"): model.generate(...)``; on exit the model is as
+    before the block: unpatched, or patched as it was (same configs and visual memory)."""
+    previous = get_patch(model)
     apply(model, method, config=config, **knobs)
     try:
         yield model
     finally:
-        remove(model)
+        restore_patch(model, previous)
 
 
 def set_visual_memory(

@@ -85,3 +85,31 @@ def test_early_exit_logits_explains_wrong_arguments():
                            model.lm_head(model.model.norm(out.hidden_states[1][2])))
         with pytest.raises(ValueError, match="has 3 entries; this model's output_hidden_states tuple has 5"):
             hallupatch.early_exit_logits(model, hidden[:3], 2)
+
+
+def test_patched_block_on_a_patched_model_restores_the_previous_patch():
+    model = tiny_llama()
+    ids = torch.tensor([[5, 17, 33, 8]])
+    memory = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        vanilla = model(ids).logits
+        hallupatch.apply(model, "memvr", entropy_threshold=0.0, retracing_ratio=0.4, **WINDOW)
+        hallupatch.set_visual_memory(model, memory)
+        before = model(ids).logits
+        assert not torch.equal(before, vanilla)
+        hooks = hook_count(model)
+        with hallupatch.patched(model, "dola", candidate_layers=[0, 2]):
+            assert list(model._hallupatch.methods) == ["dola"]
+            hallupatch.set_visual_memory(model, None)
+        assert list(model._hallupatch.methods) == ["memvr"] and hook_count(model) == hooks
+        assert model._hallupatch.configs["memvr"].retracing_ratio == 0.4
+        assert torch.equal(model(ids).logits, before), "the previous config and its visual memory are back"
+        with pytest.raises(RuntimeError, match="inside"):
+            with hallupatch.patched(model, "memvr", retracing_ratio=0.9, **WINDOW):
+                raise RuntimeError("inside")
+        assert torch.equal(model(ids).logits, before)
+        hallupatch.remove(model)
+        with hallupatch.patched(model, "memvr", **WINDOW):
+            pass
+        assert getattr(model, "_hallupatch", None) is None and hook_count(model) == 0
+        assert torch.equal(model(ids).logits, vanilla)
