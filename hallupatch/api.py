@@ -7,7 +7,9 @@ from typing import Any, Iterator, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from hallupatch.engine import PATCH_ATTRIBUTE, Patch, as_memory_list, get_patch
+from hallupatch.engine import (
+    PATCH_ATTRIBUTE, Patch, as_memory_list, checkpointing_modules, get_patch, refuse_gradient_checkpointing,
+)
 from hallupatch.methods import Method, MethodConfig, parse_method
 from hallupatch.spec import resolve
 
@@ -32,10 +34,12 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
     configs = build_configs(methods, parts.spec.method_defaults, config, knobs, method)
     for cfg in configs:
         cfg.validate_for(parts)  # before anything changes: a refused apply keeps the previous patch
+    refuse_gradient_checkpointing(checkpointing_modules(model))
 
     previous = get_patch(model)
     remove(model)
     patch = Patch(model, parts)
+
     if previous is not None:  # visual tokens given by the user are data, not configuration: keep them
         patch.explicit_memory = previous.explicit_memory
     try:
@@ -136,15 +140,26 @@ def set_visual_memory(
     """Give a patched model the visual tokens to retrace explicitly (e.g. a plain ``LlamaForCausalLM``).
 
     ``tokens``: ``(batch, n_tokens, hidden)``, ``(n_tokens, hidden)`` for one sample, or a list with one
-    ``(n_i, hidden)`` tensor or ``None`` per sample. It is used for every following generation instead of
-    captured images, until replaced or cleared with ``tokens=None``.
+    ``(n_i, hidden)`` tensor or ``None`` per sample (no retracing for it). It is used for every following
+    generation instead of captured images, until replaced or cleared with ``tokens=None``. Where
+    ``generate()`` repeats each sample's row (beams, ``num_return_sequences``, contrastive search's
+    candidates), every copy uses its sample's tokens. Empty, all-zero or non-finite tokens are refused.
     """
     patch = _require_patch(model, "set_visual_memory")
     memory = as_memory_list(tokens)
     hidden = patch.parts.final_norm.weight.shape[-1] if hasattr(patch.parts.final_norm, "weight") else None
-    for t in memory or []:
-        if t is not None and hidden is not None and t.shape[-1] != hidden:
+    for i, t in enumerate(memory or []):
+        if t is None:
+            continue
+        if hidden is not None and t.shape[-1] != hidden:
             raise ValueError(f"visual tokens must have the model's hidden size {hidden}; got {t.shape[-1]}")
+        problem = ("empty (0 tokens)" if t.shape[0] == 0 else "not all finite" if not torch.isfinite(t).all()
+                   else "all zero" if not t.ne(0).any() else None)
+        if problem:
+            raise ValueError(
+                f"sample {i}'s visual tokens are {problem}: MemVR scales the memory by 1 / mean|tokens|, so it "
+                "needs finite tokens that are not all zero; give None for a sample without an image"
+            )
     patch.explicit_memory = memory
 
 

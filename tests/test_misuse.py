@@ -113,3 +113,125 @@ def test_patched_block_on_a_patched_model_restores_the_previous_patch():
             pass
         assert getattr(model, "_hallupatch", None) is None and hook_count(model) == 0
         assert torch.equal(model(ids).logits, vanilla)
+
+
+# -- captured visual tokens live for one top-level call --------------------------------------------------
+MEMVR_ALWAYS = dict(entropy_threshold=0.0, retracing_ratio=0.9, starting_layer=0, ending_layer=5)
+TEXT_ONLY = "USER: what is a dog ? ASSISTANT:"
+GENERATE = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def assert_same_generation(a, b):
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        assert torch.equal(x, y)
+
+
+def test_failed_generate_after_the_projector_ran_leaves_no_image_behind(llava, tiny_llava_dir):
+    from conftest import load_llava
+    from hallupatch.testing.tiny import tiny_image
+
+    model, processor = llava
+    untouched, _ = load_llava(tiny_llava_dir)
+    two_images = processor(text="USER: <image>\nwhat is this ? ASSISTANT:", images=[tiny_image(0), tiny_image(1)],
+                           return_tensors="pt")
+    hallupatch.apply(model, "memvr", **MEMVR_ALWAYS)
+    with pytest.raises(ValueError, match="number of image"):
+        model.generate(**two_images, max_new_tokens=2)   # the projector runs, then the merge refuses
+    with pytest.raises(ValueError, match="number of image"):
+        model(**two_images)
+    text = processor.tokenizer([TEXT_ONLY], return_tensors="pt")
+    assert_same_generation(model.generate(**text, **GENERATE), untouched.generate(**text, **GENERATE))
+    assert hallupatch.get_trace(model).trigger_layers() == [[None] * 4]
+
+
+def test_projector_run_by_hand_is_no_image_of_the_next_prompt(llava, tiny_llava_dir):
+    from conftest import load_llava
+    from hallupatch.testing.tiny import tiny_image
+
+    model, processor = llava
+    untouched, _ = load_llava(tiny_llava_dir)
+    hallupatch.apply(model, "memvr", **MEMVR_ALWAYS)
+    pixels = processor(text="<image>", images=tiny_image(2), return_tensors="pt").pixel_values
+    features = model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    model.multi_modal_projector(features)   # e.g. extracting image features
+    text = processor.tokenizer([TEXT_ONLY], return_tensors="pt")
+    assert_same_generation(model.generate(**text, **GENERATE), untouched.generate(**text, **GENERATE))
+    assert torch.equal(model(**text).logits, untouched(**text).logits)
+
+
+# -- empty and all-zero visual memory ----------------------------------------------------------------
+@pytest.mark.parametrize("tokens, message", [
+    (torch.zeros(1, 5, 32), "sample 0's visual tokens are all zero"),
+    (torch.zeros(1, 0, 32), "sample 0's visual tokens are empty"),
+    ([torch.randn(4, 32), torch.zeros(3, 32)], "sample 1's visual tokens are all zero"),
+    ([torch.full((2, 32), float("nan"))], "sample 0's visual tokens are not all finite"),
+])
+def test_user_given_empty_or_zero_memory_is_refused(tokens, message):
+    model = hallupatch.apply(tiny_llama(), "memvr", **WINDOW)
+    with pytest.raises(ValueError, match=message):
+        hallupatch.set_visual_memory(model, tokens)
+    assert model._hallupatch.explicit_memory is None
+
+
+def test_captured_all_zero_image_is_skipped_and_said_so(llava, tiny_llava_dir):
+    from conftest import load_llava
+    from hallupatch.testing.tiny import tiny_image
+
+    model, processor = llava
+    untouched, _ = load_llava(tiny_llava_dir)
+    for m in (model, untouched):   # a projector whose output is all zero
+        m.multi_modal_projector.linear_2.weight.zero_()
+        m.multi_modal_projector.linear_2.bias.zero_()
+    inputs = processor(text="USER: <image>\nwhat is this ? ASSISTANT:", images=tiny_image(0), return_tensors="pt")
+    hallupatch.apply(model, "memvr", **MEMVR_ALWAYS)
+    out = model.generate(**inputs, **GENERATE)
+    assert all(torch.isfinite(step).all() for step in out.logits)
+    assert_same_generation(out, untouched.generate(**inputs, **GENERATE))
+    trace = hallupatch.get_trace(model)
+    assert trace.trigger_layers() == [[None] * 4]
+    assert all(p.skipped == ["all-zero visual memory (mean |Z| = 0): not retraced"] for p in trace.passes)
+    assert trace.to_dict()["passes"][0]["skipped"] == trace.passes[0].skipped
+
+
+# -- MemVR is per forward pass: generate() warns where a pass covers many positions -------------------------
+def memvr_warnings(model, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(torch.tensor([[5, 17, 33]]), max_new_tokens=3, do_sample=False, **kwargs)
+    return [w for w in caught if "MemVR decides per forward pass" in str(w.message)]
+
+
+def test_generate_without_cache_or_with_an_assistant_warns_once():
+    model = hallupatch.apply(tiny_llama(), "memvr", **WINDOW)
+    hallupatch.set_visual_memory(model, torch.randn(6, 32))
+    assert memvr_warnings(model) == []
+    no_cache = memvr_warnings(model, use_cache=False)
+    assert len(no_cache) == 1 and "use_cache=False" in str(no_cache[0].message)
+    assert no_cache[0].filename == __file__, "the warning points at the caller of generate()"
+    assisted = memvr_warnings(model, assistant_model=tiny_llama(seed=1))
+    assert len(assisted) == 1 and "assisted generation" in str(assisted[0].message)
+    assert memvr_warnings(model, prompt_lookup_num_tokens=2, min_new_tokens=3)[0].filename == __file__
+
+
+# -- gradient checkpointing recomputes layers: refused -------------------------------------------------
+def test_gradient_checkpointing_in_training_is_refused_at_apply_and_at_forward():
+    ids = torch.tensor([[5, 17, 33, 8]])
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing in training mode.*model.eval()"):
+        hallupatch.apply(model, "memvr", **WINDOW)
+    assert getattr(model, "_hallupatch", None) is None and hook_count(model) == 0
+    model.eval()
+    hallupatch.apply(model, "memvr", entropy_threshold=0.0, **WINDOW)
+    hallupatch.set_visual_memory(model, torch.randn(6, 32))
+    model.train()   # turned on after apply: refused when the model is called
+    with torch.enable_grad():
+        with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+            model(ids, labels=ids, use_cache=False).loss.backward()
+        model.gradient_checkpointing_disable()
+        model(ids, labels=ids, use_cache=False).loss.backward()   # without checkpointing: trains
+    assert hallupatch.get_trace(model).passes[0].trigger_layer == [1]
