@@ -74,6 +74,16 @@ def hf_pass_info(module: nn.Module, args: tuple, kwargs: dict) -> PassInfo:
     )
 
 
+def no_image_token(model: nn.Module) -> Optional[int]:
+    """The default ``FamilySpec.image_token_id``: the family marks no image in ``input_ids``."""
+    return None
+
+
+def visual_output_as_is(output: Any) -> torch.Tensor:
+    """The default ``FamilySpec.visual_output``: the visual module returns ``(num_images, tokens, hidden)``."""
+    return output
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """Declarative description of one model family.
@@ -101,10 +111,11 @@ class FamilySpec:
     layer_ffn_out: str                    # its output projection weight (W_out of DESIGN 4b)
     adapter_activation: str               # MemVR's default adapter activation for the family
     pass_info: Callable[[nn.Module, tuple, dict], PassInfo] = hf_pass_info
-    # token id that marks one image in input_ids (one occurrence per image), read from the model
-    image_token_id: Callable[[nn.Module], Optional[int]] = lambda model: None
+    # token id that marks one image in input_ids (one occurrence per image), read from the model. Callables
+    # here are module-level functions, never lambdas, so that a patched model can be pickled.
+    image_token_id: Callable[[nn.Module], Optional[int]] = no_image_token
     # turns the visual module's output into a (num_images, tokens, hidden) tensor
-    visual_output: Callable[[Any], torch.Tensor] = lambda output: output
+    visual_output: Callable[[Any], torch.Tensor] = visual_output_as_is
     # whether the last entry of the model's output_hidden_states has the final norm applied (transformers
     # models: yes; GLM-4V's own code returns the last layer's raw output there)
     final_hidden_normed: bool = True

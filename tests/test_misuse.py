@@ -235,3 +235,119 @@ def test_gradient_checkpointing_in_training_is_refused_at_apply_and_at_forward()
         model.gradient_checkpointing_disable()
         model(ids, labels=ids, use_cache=False).loss.backward()   # without checkpointing: trains
     assert hallupatch.get_trace(model).passes[0].trigger_layer == [1]
+
+
+# -- generation modes that widen the batch --------------------------------------------------------------
+def test_contrastive_search_retraces_every_candidate_with_its_samples_memory():
+    """Each candidate row of contrastive search is one cached decoding step of its sequence: the logits
+    generate() reports for step t equal a cached step-by-step forward of the chosen tokens, alone."""
+    model = hallupatch.apply(tiny_llama(), "memvr", entropy_threshold=0.0, retracing_ratio=0.5, **WINDOW)
+    hallupatch.set_visual_memory(model, torch.randn(6, 32, generator=torch.Generator().manual_seed(4)))
+    ids = torch.tensor([[5, 17, 33, 8]])
+    out = model.generate(ids, penalty_alpha=0.6, top_k=3, max_new_tokens=4, output_logits=True,
+                         return_dict_in_generate=True)
+    widened = hallupatch.get_trace(model).passes[1]
+    assert len(widened.trigger_layer) == 3 and widened.trigger_layer == [1, 1, 1]
+    step = model(ids, use_cache=True)
+    torch.testing.assert_close(out.logits[0], step.logits[:, -1], rtol=0, atol=0)
+    for t in range(1, 4):
+        step = model(out.sequences[:, ids.shape[1] + t - 1:ids.shape[1] + t], past_key_values=step.past_key_values,
+                     use_cache=True)
+        torch.testing.assert_close(out.logits[t], step.logits[:, -1], rtol=1e-5, atol=1e-5)
+        assert hallupatch.get_trace(model).passes[-1].trigger_layer == [1]
+    hallupatch.remove(model)
+    assert not torch.allclose(model(out.sequences).logits[:, -1], step.logits[:, -1], atol=1e-3)
+
+
+def test_beams_and_return_sequences_repeat_the_explicit_memory_per_row():
+    model = hallupatch.apply(tiny_llama(), "memvr", entropy_threshold=0.0, retracing_ratio=0.5, **WINDOW)
+    memory = torch.randn(6, 32, generator=torch.Generator().manual_seed(5))
+    ids = torch.tensor([[5, 17, 33, 8]])
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=3, do_sample=False)
+    hallupatch.set_visual_memory(model, memory)
+    once = model.generate(ids, **kwargs)
+    hallupatch.set_visual_memory(model, [memory] * 3)   # already one entry per beam row
+    assert torch.equal(model.generate(ids, **kwargs), once)
+    assert hallupatch.get_trace(model).passes[0].trigger_layer == [1, 1, 1]
+    hallupatch.set_visual_memory(model, [memory] * 2)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        model.generate(ids, **kwargs)
+
+
+# -- copies and pickles of a patched model ----------------------------------------------------------
+DOLA = dict(candidate_layers=[0, 2], layer_prior=[0.3, 0.7], seed=7)
+
+
+def dola_generate(model, ids):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="repetition_penalty")
+        return model.generate(ids, max_new_tokens=4, do_sample=False)
+
+
+def test_deepcopy_with_layer_contrast_is_an_independent_patched_model():
+    import copy
+
+    ids = torch.tensor([[5, 17, 33, 8]])
+    model = hallupatch.apply(tiny_llama(), "dola", **DOLA)
+    expected = dola_generate(model, ids)
+    original_trace = hallupatch.get_trace(model, "dola")
+    layers = original_trace.layers()
+    twin = copy.deepcopy(model)
+    patch = twin._hallupatch
+    assert patch is not model._hallupatch and patch.model is twin and patch.parts.lm_head is twin.lm_head
+    assert patch.configs["dola"].to_dict() == model._hallupatch.configs["dola"].to_dict()
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1.0)
+    reference = tiny_llama()
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(-1.0)
+    hallupatch.apply(reference, "dola", **DOLA)
+    assert torch.equal(dola_generate(twin, ids), dola_generate(reference, ids))
+    assert hallupatch.get_trace(model, "dola") is original_trace and original_trace.layers() == layers
+    assert torch.equal(dola_generate(model, ids), expected), "the original reads its own weights"
+    hallupatch.remove(twin)
+    assert model._hallupatch is not None and hook_count(model) > 0 and hook_count(twin) == 0
+
+
+def test_deepcopy_with_memvr_and_explicit_memory_works_on_its_own_copy_of_the_memory():
+    import copy
+
+    ids = torch.tensor([[5, 17, 33, 8]])
+    model = hallupatch.apply(tiny_llama(), "memvr", entropy_threshold=0.0, retracing_ratio=0.5, **WINDOW)
+    memory = torch.randn(6, 32, generator=torch.Generator().manual_seed(6))
+    hallupatch.set_visual_memory(model, memory)
+    expected = model(ids).logits
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(ids).logits, expected)
+    assert hallupatch.get_trace(twin).passes[0].trigger_layer == [1]
+    copied = twin._hallupatch.explicit_memory[0]
+    assert torch.equal(copied, memory) and copied.data_ptr() != memory.data_ptr()
+    hallupatch.set_visual_memory(twin, None)
+    assert torch.equal(model(ids).logits, expected), "the original keeps its memory"
+    hallupatch.remove(model)
+    assert torch.equal(twin(ids).logits, model(ids).logits), "the copy without memory is the plain model"
+
+
+def test_pickled_patched_model_loads_patched_and_remove_gives_the_plain_model(llava):
+    import io
+    import pickle
+
+    from hallupatch.testing.tiny import tiny_image
+
+    model, processor = llava
+    inputs = processor(text="USER: <image>\nwhat is this ? ASSISTANT:", images=tiny_image(1), return_tensors="pt")
+    vanilla = model(**inputs).logits
+    hallupatch.apply(model, "memvr+dola", config=[hallupatch.MemVRConfig(**MEMVR_ALWAYS),
+                                                   hallupatch.DoLaConfig(candidate_layers=[0, 2])])
+    expected = model.generate(**inputs, **GENERATE)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert loaded._hallupatch.model is loaded
+    assert_same_generation(loaded.generate(**inputs, **GENERATE), expected)
+    assert hallupatch.get_trace(loaded).trigger_layers()[0] == [1] * 4
+    again = pickle.loads(pickle.dumps(hallupatch.remove(loaded)))
+    assert getattr(again, "_hallupatch", None) is None and hook_count(again) == 0
+    assert torch.equal(again(**inputs).logits, vanilla)
