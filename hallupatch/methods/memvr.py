@@ -58,6 +58,9 @@ def _activation_names() -> List[str]:
 class MemVRConfig(MethodConfig):
     """MemVR knobs. Defaults are the published LLaVA-1.5 MME setting.
 
+    Decisions are per forward pass (module docstring): ``generate()`` without a cache or with an assistant
+    model decides once per multi-token pass, so it differs from cached greedy decoding (and warns).
+
     Args:
         retracing_ratio: ``α`` in ``(1-α)·F(x) + α·scale·A(x)``; in ``[0, 1]``.
         entropy_threshold: a sample triggers when the normalised top-10 entropy exceeds this; ``>= 0``.
