@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -224,18 +225,14 @@ class Patch:
             raise ValueError(
                 f"the visual memory has {len(memory)} samples but this forward pass has {batch_size} rows; "
                 "call hallupatch.set_visual_memory(model, tokens) with one entry per sample"
+                + (f" (generate() repeats each sample {self.call.row_repeat} times)" if self.call.row_repeat > 1 else "")
             )
         return [r // repeat if memory[r // repeat] is not None else None for r in range(batch_size)]
 
     def _memory_for_prefill(self, batch_size: int) -> Optional[List[Optional[torch.Tensor]]]:
         """The visual memory of a new sequence: explicit tokens if set, else this prefill's images."""
         if self.explicit_memory is not None:
-            if batch_size not in (len(self.explicit_memory), len(self.explicit_memory) * self.call.row_repeat):
-                raise ValueError(
-                    f"set_visual_memory was given {len(self.explicit_memory)} samples but the batch has "
-                    f"{batch_size}; call hallupatch.set_visual_memory(model, tokens) with one entry per sample."
-                )
-            return self.explicit_memory
+            return self.explicit_memory   # matched to the pass's rows by _memory_rows
         if not self.pending.images:
             return None  # an image-less prefill clears the memory of any previous image
         images = [img for batch in self.pending.images for img in batch]  # each (tokens, hidden)
@@ -283,8 +280,6 @@ def refuse_gradient_checkpointing(modules: Sequence[nn.Module]) -> None:
 def user_stacklevel() -> int:
     """``stacklevel`` for ``warnings.warn`` called by this function's caller that points at the first frame
     outside hallupatch, transformers and torch (the user's ``generate()`` call)."""
-    import sys
-
     inner = ("hallupatch", "transformers", "torch", "contextlib", "functools")
     frame, level = sys._getframe(2), 2
     while frame is not None and any(f"{os.sep}{name}{os.sep}" in frame.f_code.co_filename or
