@@ -280,10 +280,16 @@ def refuse_gradient_checkpointing(modules: Sequence[nn.Module]) -> None:
 def user_stacklevel() -> int:
     """``stacklevel`` for ``warnings.warn`` called by this function's caller that points at the first frame
     outside hallupatch, transformers and torch (the user's ``generate()`` call)."""
-    inner = ("hallupatch", "transformers", "torch", "contextlib", "functools")
+    import contextlib
+
+    import transformers
+
+    import hallupatch
+
+    folders = tuple(os.path.dirname(m.__file__) + os.sep for m in (hallupatch, transformers, torch))
+    files = (contextlib.__file__, functools.__file__)
     frame, level = sys._getframe(2), 2
-    while frame is not None and any(f"{os.sep}{name}{os.sep}" in frame.f_code.co_filename or
-                                    frame.f_code.co_filename.endswith(f"{os.sep}{name}.py") for name in inner):
+    while frame is not None and (frame.f_code.co_filename.startswith(folders) or frame.f_code.co_filename in files):
         frame, level = frame.f_back, level + 1
     return level
 
