@@ -11,6 +11,7 @@ from hallupatch.engine import (
     PATCH_ATTRIBUTE, Patch, as_memory_list, checkpointing_modules, get_patch, refuse_gradient_checkpointing,
 )
 from hallupatch.methods import Method, MethodConfig, parse_method
+from hallupatch.methods.memvr import memory_problem
 from hallupatch.spec import resolve
 
 
@@ -39,7 +40,6 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
     previous = get_patch(model)
     remove(model)
     patch = Patch(model, parts)
-
     if previous is not None:  # visual tokens given by the user are data, not configuration: keep them
         patch.explicit_memory = previous.explicit_memory
     try:
@@ -153,8 +153,7 @@ def set_visual_memory(
             continue
         if hidden is not None and t.shape[-1] != hidden:
             raise ValueError(f"visual tokens must have the model's hidden size {hidden}; got {t.shape[-1]}")
-        problem = ("empty (0 tokens)" if t.shape[0] == 0 else "not all finite" if not torch.isfinite(t).all()
-                   else "all zero" if not t.ne(0).any() else None)
+        problem = memory_problem(t)
         if problem:
             raise ValueError(
                 f"sample {i}'s visual tokens are {problem}: MemVR scales the memory by 1 / mean|tokens|, so it "

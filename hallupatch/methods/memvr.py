@@ -292,15 +292,22 @@ class MemVR:
         return (1 - ratio) * ffn_out + (ratio * balance).to(x.dtype) * adapter
 
 
+def memory_problem(tokens: torch.Tensor) -> Optional[str]:
+    """Why MemVR cannot retrace with these ``(n, hidden)`` visual tokens, or ``None``: the memory is scaled
+    by ``1 / mean|Z|``, so it must be non-empty, finite and not all zero."""
+    if tokens.shape[0] == 0:
+        return "empty (0 tokens)"
+    if not torch.isfinite(tokens).all():
+        return "not all finite"
+    if not tokens.ne(0).any():
+        return "all zero (mean |Z| = 0)"
+    return None
+
+
 def unusable_memory(memory: Optional[List[Optional[torch.Tensor]]]) -> Dict[int, str]:
-    """The entries of a visual memory that cannot be retraced (``mean|Z| = 0``), with the reason."""
-    reasons = {i: "empty visual memory (0 tokens): not retraced" for i, t in enumerate(memory or [])
-               if t is not None and t.numel() == 0}
-    rest = [i for i, t in enumerate(memory or []) if t is not None and i not in reasons]
-    if rest:
-        nonzero = [bool(memory[i].ne(0).any()) for i in rest]  # one host sync per sample and prefill
-        reasons.update({i: "all-zero visual memory (mean |Z| = 0): not retraced" for i, ok in zip(rest, nonzero) if not ok})
-    return reasons
+    """The entries of a visual memory that cannot be retraced, with the reason (checked once per prefill)."""
+    problems = {i: memory_problem(t) for i, t in enumerate(memory or []) if t is not None}
+    return {i: f"visual memory is {problem}: not retraced" for i, problem in problems.items() if problem}
 
 
 def install(patch: Patch, config: MemVRConfig) -> MemVR:
