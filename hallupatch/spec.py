@@ -126,7 +126,18 @@ class FamilySpec:
 
 @dataclass
 class ModelParts:
-    """A :class:`FamilySpec` resolved against one model instance."""
+    """A :class:`FamilySpec` resolved against one model instance: the hook sites the methods use.
+
+    Layer arguments are **0-based decoder layers** ``l`` unless a name says otherwise; decoder layer
+    ``l`` reads hidden-state index ``l`` and writes hidden-state index ``l + 1`` (transformers'
+    ``output_hidden_states`` convention, DESIGN §4a). The sites, named for what they read:
+
+    * ``pass_start`` (pre-hook): a forward pass of the decoder begins, the visual tokens exist;
+    * ``layers[l]`` (output): the residual stream after decoder layer ``l`` (hidden-state ``l + 1``);
+    * ``ffn(l)`` (output): decoder layer ``l``'s feed-forward output, before it joins the residual;
+    * ``final_norm`` / ``lm_head``: the early-exit head's two halves;
+    * ``visual`` (output): the visual tokens, one row per token, as the decoder receives them.
+    """
 
     spec: FamilySpec
     model: nn.Module
@@ -141,9 +152,11 @@ class ModelParts:
         return len(self.layers)
 
     def ffn(self, layer: int) -> nn.Module:
+        """The feed-forward module of 0-based decoder layer ``layer``."""
         return get_path(self.layers[layer], self.spec.layer_ffn)
 
     def ffn_weights(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(W_in, W_out)`` of 0-based decoder layer ``layer``'s feed-forward module (DESIGN §4b)."""
         block = self.layers[layer]
         return get_path(block, self.spec.layer_ffn_in), get_path(block, self.spec.layer_ffn_out)
 

@@ -8,20 +8,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from caption_data import CHAIR_IMAGES, REGIONS, write_chair_data, write_phd_data, write_regcap_data  # noqa: E402
 
-from hallupatch.eval.caption_tasks import (  # noqa: E402
-    CHAIR_PROMPT,
-    chair_table,
-    load_chair,
-    load_phd_questions,
-    load_regcap,
-    phd_table,
-    read_chair_answers,
-    read_id_text_answers,
-    regcap_table,
-    score_chair_pairs,
-    score_phd_answers,
-)
-from hallupatch.eval.tasks import DataError  # noqa: E402
+from hallupatch.eval.data import DataError, read_id_text_answers  # noqa: E402
+from hallupatch.eval.tasks.chair import CHAIR_PROMPT, chair_table, load_chair, read_chair_answers, score_chair_pairs  # noqa: E402
+from hallupatch.eval.tasks.phd import load_phd_questions, phd_table, score_phd_answers  # noqa: E402
+from hallupatch.eval.tasks.regcap import load_regcap, regcap_table  # noqa: E402
 
 
 def test_chair_data_sample_and_scoring(tmp_path):
@@ -119,7 +109,7 @@ def test_phd_questions_and_scores(tmp_path):
 def test_chair_samples_val_images_but_takes_ground_truth_from_every_split(tmp_path):
     import json as _json
 
-    from hallupatch.eval.caption_tasks import load_chair
+    from hallupatch.eval.tasks.chair import load_chair
 
     ann = tmp_path / "annotations"
     ann.mkdir()

@@ -4,9 +4,11 @@ import json
 import pytest
 from PIL import Image
 
-from hallupatch.eval.runner import check_unique
+from hallupatch.eval.harness import check_unique
 from hallupatch.eval.sample import IMAGES_PER_SUBTASK, QUESTIONS, write_mme_sample
-from hallupatch.eval.tasks import DataError, load_mme, load_mme_dataset, load_mme_folder, load_pope
+from hallupatch.eval.data import DataError
+from hallupatch.eval.tasks.mme import load_mme, load_mme_dataset, load_mme_folder
+from hallupatch.eval.tasks.pope import load_pope
 
 
 def _img(path, color=(10, 20, 30)):
@@ -212,8 +214,8 @@ def test_more_dataset_and_pope_errors(tmp_path):
 
 
 def test_pope_answers_whose_prompt_belongs_to_another_split_are_refused(tmp_path):
-    from hallupatch.eval.runner import load_external_answers
-    from hallupatch.eval.tasks import Question
+    from hallupatch.eval.data import Question
+    from hallupatch.eval.data import match_llava_answers as load_external_answers
 
     questions = [Question(qid="random/1", group="random", image_id="x.jpg", image_name="x.jpg",
                           question="Is there a cat in the image?", answer="yes", image="x.jpg", source="t")]

@@ -11,11 +11,13 @@ import torch
 
 from conftest import launch_two_processes
 from hallupatch.engine import get_patch
-from hallupatch.eval import cli, models, runner
+from hallupatch.eval import cli, harness, models
+from hallupatch.eval.tasks import get_task
 from hallupatch.eval.sample import write_mme_sample
 from hallupatch.eval.scoring import parse_mme_answer, parse_pope_answer
 from hallupatch.eval.store import StoreError, prepare_output, read_answers
-from hallupatch.eval.tasks import DataError, load_mme_folder
+from hallupatch.eval.data import DataError
+from hallupatch.eval.tasks.mme import load_mme_folder
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = "12"
@@ -149,28 +151,28 @@ def test_llava_prompt_follows_the_published_recipe(backend, mme_folder):
 
 
 def test_family_detection_and_original_llava_message(tmp_path, checkpoint):
-    assert models.detect_family(str(checkpoint)) == "llava-hf"
+    assert models.detect_recipe(str(checkpoint)) == "llava-hf"
     for model_type, family in [("qwen", "qwen-vl"), ("chatglm", "glm-4v"), ("llava_llama", "llava")]:
         (tmp_path / model_type).mkdir()
         (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
-        assert models.detect_family(str(tmp_path / model_type)) == family
+        assert models.detect_recipe(str(tmp_path / model_type)) == family
     # liuhaotian/llava-v1.5-7b's config.json says model_type "llava" with the original repository's class
     (tmp_path / "original").mkdir()
     (tmp_path / "original" / "config.json").write_text(
         json.dumps({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"]}))
-    assert models.detect_family(str(tmp_path / "original")) == "llava"
+    assert models.detect_recipe(str(tmp_path / "original")) == "llava"
     (tmp_path / "next").mkdir()
     (tmp_path / "next" / "config.json").write_text(
         json.dumps({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}))
     with pytest.raises(ValueError, match="cannot tell the model family"):
-        models.detect_family(str(tmp_path / "next"))
+        models.detect_recipe(str(tmp_path / "next"))
     try:
         import llava  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="original LLaVA repository.*pip install"):
             models.load_backend(str(tmp_path / "llava_llama"), device="cpu")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        models.detect_family(str(tmp_path))
+        models.detect_recipe(str(tmp_path))
 
 
 def test_checkpoint_folder_and_dataset_layouts_agree_and_batching_changes_nothing(
@@ -273,7 +275,7 @@ def test_every_shard_refuses_a_mismatched_resume_before_waiting_for_the_others(
     def barrier():
         raise AssertionError("rank 1 reached the barrier: it would wait for a rank 0 that stopped")
 
-    monkeypatch.setattr(runner, "current_process", lambda: runner.Distributed(rank=1, world=2, barrier=barrier))
+    monkeypatch.setattr(harness, "current_process", lambda: harness.Distributed(rank=1, world=2, barrier=barrier))
     with pytest.raises(StoreError, match="different settings"):
         cli.run(["mme", "--data", str(mme_folder), "--output", str(ref_out), "--limit", LIMIT,
                  "--max-new-tokens", "5", "--no-progress"], backend=backend)
@@ -285,17 +287,17 @@ def test_two_shards_merge_into_the_single_process_result(tmp_path, backend, mme_
     questions = load_mme_folder(mme_folder)[: int(LIMIT)]
     out = tmp_path / "sharded"
     prepare_output(out, settings)
-    shards = [runner.shard(questions, r, 2) for r in (0, 1)]
+    shards = [harness.shard(questions, r, 2) for r in (0, 1)]
     assert sorted(q.qid for s in shards for q in s) == sorted(q.qid for q in questions)
     assert not set(q.qid for q in shards[0]) & set(q.qid for q in shards[1])
-    runner.answer_questions(backend, questions, out, batch_size=4, max_new_tokens=int(TOKENS),
-                            proc=runner.Distributed(0, 2), progress=False)
+    harness.answer_questions(backend, questions, out, batch_size=4, max_new_tokens=int(TOKENS),
+                            proc=harness.Distributed(0, 2), progress=False)
     with pytest.raises(StoreError, match=r"6 question\(s\) have no answer .*rerun the same command"):
-        runner.finish("mme", questions, out, settings)
-    runner.answer_questions(backend, questions, out, batch_size=4, max_new_tokens=int(TOKENS),
-                            proc=runner.Distributed(1, 2), progress=False)
+        harness.finish(get_task("mme")(), questions, out, settings)
+    harness.answer_questions(backend, questions, out, batch_size=4, max_new_tokens=int(TOKENS),
+                            proc=harness.Distributed(1, 2), progress=False)
     assert sorted(p.name for p in out.glob("answers*.jsonl")) == ["answers.jsonl", "answers.rank1.jsonl"]
-    scores = runner.finish("mme", questions, out, settings)
+    scores = harness.finish(get_task("mme")(), questions, out, settings)
     assert sorted(p.name for p in out.glob("answers*.jsonl")) == ["answers.jsonl"]
     assert _files(out) == _files(ref_out)
     assert scores["perception"] == json.loads((ref_out / "scores.json").read_text())["perception"]
@@ -312,7 +314,7 @@ def test_scoring_answers_made_elsewhere(tmp_path, mme_folder, reference):
         (ref_out / "mme_tool" / "existence.txt").read_bytes()
     # LLaVA's answer file: question_id names the image, matched through `prompt`, in any order
     texts = {a["question_id"]: ["Yes", "No", "yes, it is", "maybe"][i % 4] for i, a in enumerate(ours)}
-    expected = runner.score_answers("mme", load_mme_folder(mme_folder)[: int(LIMIT)], texts)
+    expected = get_task("mme")().score(load_mme_folder(mme_folder)[: int(LIMIT)], texts)[0]
     assert 0 < expected["perception"] < 400
     llava = tmp_path / "llava.jsonl"
     llava.write_text("".join(

@@ -1,15 +1,17 @@
-"""Benchmark evaluation: ``python -m hallupatch.eval {mme,pope} ...`` (DESIGN §5).
+"""Benchmark evaluation: ``python -m hallupatch.eval <benchmark> ...`` (DESIGN §5).
 
-A benchmark is a task (``tasks.py``: questions loaded from the official layout), a prompt recipe per
-model family (``models.py``) and a scorer that reproduces the official tool (``scoring.py``); answers
-are stored resumably (``store.py``) by the loop in ``runner.py``.
+One harness (``harness.py``) runs every benchmark, each a registered task (``tasks/<name>.py``: its
+options, loading, prompt style, scorer, table and files), with an evaluation recipe per kind of checkpoint
+(``models.py``); answers are stored resumably (``store.py``); several methods are compared with
+paired tests (``stats.py``). ``cli.py`` is the command line.
 """
 from hallupatch.eval.cli import main, run
+from hallupatch.eval.data import DataError, Question
 from hallupatch.eval.scoring import parse_mme_answer, parse_pope_answer, score_mme, score_pope
-from hallupatch.eval.tasks import DataError, Question, load_mme, load_pope
 from hallupatch.eval.store import StoreError
+from hallupatch.eval.tasks import Task, get_task, register_task, registered_tasks
 
 __all__ = [
     "main", "run", "score_mme", "score_pope", "parse_mme_answer", "parse_pope_answer",
-    "load_mme", "load_pope", "Question", "DataError", "StoreError",
+    "Question", "DataError", "StoreError", "Task", "register_task", "registered_tasks", "get_task",
 ]

@@ -41,7 +41,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
-PathLike = Union[str, Path]
+from .data import PathLike
+
 
 SYNONYMS_PATH = Path(__file__).resolve().parent.parent / "data" / "chair_synonyms.txt"
 
@@ -160,7 +161,7 @@ def _read_json(path: PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    from .tasks import read_json
+    from .data import read_json
 
     return read_json(path)
 
@@ -334,3 +335,21 @@ def score_captions(
         num_hallucinated=n_halluc,
         captions=scores,
     )
+
+
+# ----------------------------------------------------------------------------------- paired comparison
+def caption_stats(caption: CaptionScore) -> Dict[str, float]:
+    """One caption's additive CHAIR counts: summed over captions, :func:`chair_from_stats` gives the
+    corpus metrics again (what a paired bootstrap resamples)."""
+    return {"hallucinating": float(caption.chair_s), "mentions": float(len(caption.mentioned)),
+            "hallucinated": float(len(caption.hallucinated)), "gt_objects": float(len(caption.gt_objects)),
+            "recalled": float(len(caption.recalled))}
+
+
+def chair_from_stats(sums: Mapping[str, float], count: int) -> Dict[str, float]:
+    """CHAIRs, CHAIRi and Recall in percent (``nan`` where undefined) from summed :func:`caption_stats`."""
+    def ratio(a: float, b: float) -> float:
+        return 100.0 * a / b if b else float("nan")
+
+    return {"CHAIRs": ratio(sums["hallucinating"], count), "CHAIRi": ratio(sums["hallucinated"], sums["mentions"]),
+            "Recall": ratio(sums["recalled"], sums["gt_objects"])}

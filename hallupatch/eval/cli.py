@@ -1,20 +1,20 @@
-"""``python -m hallupatch.eval {mme,pope} ...``: measure a model with and without a mitigation method."""
+"""``python -m hallupatch.eval <benchmark> ...``: measure a model with and without mitigation methods.
+
+The command line of :mod:`hallupatch.eval.harness`: one sub-command per registered task
+(:mod:`hallupatch.eval.tasks`), each with the shared options below plus the task's own.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from hallupatch.eval import caption_cli, models, runner, sample, tasks
+from hallupatch.eval import harness, models, sample
+from hallupatch.eval.data import DataError
 from hallupatch.eval.store import StoreError
+from hallupatch.eval.tasks import Task, get_task, registered_tasks
 
-EMBEDDED_MODEL = "embedded:tiny-llava"
-EMBEDDED_DATA = f"embedded:mme-sample-v{sample.SAMPLE_VERSION}"
-EMBEDDED_MAX_NEW_TOKENS = 8    # the random tiny model rarely stops by itself; 8 tokens hold any yes/no
-EMBEDDED_BATCH_SIZE = 8
-EMBEDDED_MEMVR_LAYERS = {"starting_layer": 0, "ending_layer": 3}  # the published 5..16 exceed its 4 layers
 KNOBS = {  # CLI flag -> (config field, type, help)
     "--retracing-ratio": ("retracing_ratio", float, "MemVR alpha, in [0, 1] (default: the family's published value)"),
     "--entropy-threshold": ("entropy_threshold", float, "MemVR trigger threshold on the normalised top-10 entropy"),
@@ -51,63 +51,93 @@ def _prior(text: str):
 DESCRIPTION = """\
 Evaluate a multimodal model on a hallucination benchmark, scored as the official tools score it.
 
-With no --model and no --data, `python -m hallupatch.eval mme` runs a tiny built-in LLaVA on a small
-built-in MME-format sample in a few seconds: a check that everything works, not a real score.
+With no --model and no --data, `python -m hallupatch.eval mme` runs the built-in model on its built-in
+MME-format sample in seconds.
 
 Real runs:
   python -m hallupatch.eval mme  --model path/to/llava-1.5-7b-hf --data MME_Benchmark_release_version
-  python -m hallupatch.eval mme  --model CKPT --data lmms-lab-MME-folder --method memvr --batch-size 8
+  python -m hallupatch.eval mme  --model CKPT --data lmms-lab-MME-folder --method none,memvr --batch-size 8
   python -m hallupatch.eval pope --model CKPT --data POPE/coco --image-folder val2014
   accelerate launch -m hallupatch.eval mme --model CKPT --data MME   # one shard per process
   python -m hallupatch.eval mme --answers llava_answers.jsonl --data MME   # score answers made elsewhere
+  python -m hallupatch.eval <benchmark> --help                           # the benchmark's own options
 
-Caption hallucination: chair (COCO captions), regcap (RefCOCOg region captions), phd (PhD yes/no);
-  python -m hallupatch.eval chair --help  lists their data layouts.
-
+Several methods (--method none,memvr,dola) answer the same questions once each, in <output>/<method>/,
+and print one comparison table with paired tests (comparison.json).
 Rerunning the same command resumes: finished questions are skipped. Results go to --output:
-answers.jsonl, scores.json, run.json (settings) and, for MME, mme_tool/<subtask>.txt for the
-official eval_tool/calculation.py.
+answers.jsonl, scores.json, run.json (settings) and the benchmark's own files.
 """
+
+
+def _shared_options() -> argparse.ArgumentParser:
+    """The options every benchmark takes (a parent parser of each sub-command)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model, methods and run")
+    g.add_argument("--model", help="checkpoint folder (llava-hf, original LLaVA, Qwen-VL-Chat, GLM-4V-9b); "
+                   "default: the built-in model")
+    g.add_argument("--recipe", choices=sorted(models.RECIPES), help="the checkpoint's evaluation recipe: loader and "
+                   "published prompt (default: from config.json)")
+    g.add_argument("--family", dest="recipe_old_spelling", choices=sorted(models.RECIPES), help=argparse.SUPPRESS)
+    g.add_argument("--data", help="the benchmark's data in its official layout (see the benchmark's --help); "
+                   "default: the built-in data, where the benchmark has one")
+    g.add_argument("--method", default="none", help="none, memvr, dola (layer contrast), memvr+dola, or several "
+                   "separated by commas (none,memvr,dola) to compare them on the same questions")
+    for flag, (_, typ, text) in KNOBS.items():
+        g.add_argument(flag, type=typ, help=text)
+    g.add_argument("--output", help="results folder (default: ./hallupatch_output/<benchmark>-<model>-<method>)")
+    g.add_argument("--batch-size", type=int, help="questions per generate() call, left-padded; answers equal those "
+                   "of batch size 1 (default 1; the built-in model's own otherwise)")
+    g.add_argument("--limit", type=int, help="only the first N questions")
+    g.add_argument("--max-new-tokens", type=int, help="default: the benchmark's published value, else the recipe's")
+    g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
+    g.add_argument("--answers", help="score this answers file made elsewhere (LLaVA's JSONL: question_id, text) "
+                   "without a model")
+    g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output instead of resuming it")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hallupatch.eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("benchmark", choices=["mme", "pope", *caption_cli.BENCHMARKS], help="the benchmark")
-    p.add_argument("--model", help="checkpoint folder (llava-hf, original LLaVA, Qwen-VL-Chat, GLM-4V-9b); "
-                   "default: the built-in tiny LLaVA")
-    p.add_argument("--family", choices=sorted(models.RECIPES), help="model family and prompt recipe (default: from config.json)")
-    p.add_argument("--data", help="MME: the released folder (MME_Benchmark_release_version) or a `datasets` dataset "
-                   "(save_to_disk folder, parquet/arrow files, or a cached hub name such as lmms-lab/MME); "
-                   "POPE: folder with coco_pope_<split>.json files. Default (MME only): the built-in sample")
-    p.add_argument("--image-folder", help="POPE: the COCO val2014 images (default: DATA/images or DATA/val2014)")
-    p.add_argument("--splits", nargs="+", choices=["random", "popular", "adversarial"], help="POPE splits (default: all found)")
-    p.add_argument("--method", default="none", help="none, memvr, dola (layer contrast) or memvr+dola")
-    for flag, (_, typ, text) in KNOBS.items():
-        p.add_argument(flag, type=typ, help=text)
-    p.add_argument("--output", help="results folder (default: ./hallupatch_output/<benchmark>-<model>-<method>)")
-    p.add_argument("--batch-size", type=int, help="questions per generate() call, left-padded; answers equal those "
-                   "of batch size 1 (default 1; 8 for the built-in model)")
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    p.add_argument("--max-new-tokens", type=int, help="default: the family's published value (LLaVA-1.5: 128)")
-    p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
-    p.add_argument("--answers", help="score this answers JSONL (LLaVA format: question_id, text[, prompt]) without a model")
-    p.add_argument("--overwrite", action="store_true", help="discard a previous run in --output instead of resuming it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    caption_cli.add_arguments(p)
+    shared = _shared_options()
+    commands = p.add_subparsers(dest="benchmark", metavar="benchmark", required=True)
+    for name, task in registered_tasks().items():
+        sub = commands.add_parser(name, parents=[shared], help=task.summary, description=f"{task.summary}.\n\n"
+                                  f"Data: {task.data_help}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        task.add_arguments(sub.add_argument_group(f"{name} options"))
     return p
 
 
-def _load_questions(args) -> List[tasks.Question]:
-    if args.benchmark == "mme":
-        if args.data is None:
-            return tasks.load_mme_folder(sample.write_mme_sample(Path(args.output) / "sample_data"))
-        return tasks.load_mme(args.data)
-    if args.data is None:
-        raise tasks.DataError("POPE needs --data: a folder with coco_pope_random/popular/adversarial.json and --image-folder")
-    return tasks.load_pope(args.data, args.image_folder, args.splits)
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; an option of another benchmark is refused with a ``ValueError`` naming
+    the benchmarks that take it (anything else unknown is argparse's usage error)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        owners = _option_owners(parser)
+        for token in extra:
+            flag = token.split("=", 1)[0]
+            if flag in owners:
+                raise ValueError(f"{flag} is an option of {', '.join(owners[flag])}: use it with "
+                                 f"{' or '.join(owners[flag])}, not {args.benchmark}")
+        parser.parse_args(argv)  # the usage error for what no benchmark takes
+    return args
+
+
+def _option_owners(parser: argparse.ArgumentParser) -> Dict[str, List[str]]:
+    """``{--option: [benchmarks whose own options include it]}``."""
+    shared = {flag for action in _shared_options()._actions for flag in action.option_strings}
+    owners: Dict[str, List[str]] = {}
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag not in shared and flag not in ("-h", "--help"):
+                    owners.setdefault(flag, []).append(name)
+    return owners
 
 
 def _where(path: str) -> str:
@@ -119,112 +149,128 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
 
 
-def _knobs(args, embedded: bool) -> Dict[str, Any]:
-    knobs = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in KNOBS.items()}
-    knobs = {k: v for k, v in knobs.items() if v is not None}
-    if args.method == "none":
-        if knobs:
-            raise ValueError(f"method knobs {sorted(knobs)} need --method memvr (or another method)")
-        return {}
-    if embedded and "memvr" in args.method:
-        knobs = {**EMBEDDED_MEMVR_LAYERS, **knobs}
-    return knobs
+def parse_methods(text: str) -> List[str]:
+    """``"none,memvr"`` -> ``["none", "memvr"]``; each one checked (``none`` or a method, or several joined with +)."""
+    from hallupatch.methods import parse_method
+
+    methods = [m.strip() for m in str(text).split(",")]
+    if any(not m for m in methods) or len(set(methods)) != len(methods):
+        raise ValueError(f"--method takes distinct methods separated by commas (e.g. none,memvr,dola); got {text!r}")
+    for m in methods:
+        if m != "none":
+            parse_method(m)
+    return methods
+
+
+def _knobs(args, methods: Sequence[str], embedded: Optional[sample.EmbeddedModel]) -> Dict[str, Dict[str, Any]]:
+    """Each method's knobs: the flags given (for every method that has them) on top of the built-in
+    model's defaults for that method."""
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in KNOBS.items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and methods == ["none"]:
+        raise ValueError(f"method knobs {sorted(given)} need --method memvr (or another method)")
+    from hallupatch.methods import parse_method
+
+    per_method: Dict[str, Dict[str, Any]] = {}
+    for method in methods:
+        if method == "none":
+            per_method[method] = {}
+            continue
+        fields = {k for m in parse_method(method) for k in m.config_cls.knobs()}
+        defaults = {}
+        if embedded is not None:
+            for part in method.split("+"):
+                defaults.update(embedded.method_knobs.get(part, {}))
+        per_method[method] = {**defaults, **{k: v for k, v in given.items() if k in fields}}
+    return per_method
 
 
 def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str, Any]]:
     """Run the CLI; returns the scores (on the main process) and raises on errors.
 
     ``backend``: an already loaded :class:`~hallupatch.eval.models.Backend` instead of ``--model``.
+    With several methods the result is ``{"methods": {method: scores}, "comparison": ...}``.
     """
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    if args.recipe_old_spelling:
+        print("note: --family is now spelled --recipe (a family is the model structure hallupatch patches)",
+              file=sys.stderr)
+        args.recipe = args.recipe or args.recipe_old_spelling
     for flag in ("limit", "batch_size", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
-    embedded = args.model is None and backend is None
-    model_name = EMBEDDED_MODEL.split(":")[1] if embedded else (backend.name if backend else Path(args.model).name)
+    task: Task = get_task(args.benchmark)(args)
+    methods = parse_methods(args.method)
+    embedded = sample.EMBEDDED if args.model is None and backend is None else None
+    model_name = embedded.name if embedded else (backend.name if backend else Path(args.model).name)
     if args.output is None:
         tag = f"answers-{Path(args.answers).stem}" if args.answers else f"{model_name}-{args.method}"
         args.output = str(Path("hallupatch_output") / _slug(f"{args.benchmark}-{tag}"))
     out = Path(args.output)
-    if args.benchmark in caption_cli.BENCHMARKS:
-        return caption_cli.run_from_cli(args, backend, embedded)
-    proc = runner.current_process()
 
-    questions = _load_questions(args)
-    if args.limit is not None:
-        questions = questions[: args.limit]
-    runner.check_unique(questions)
-
+    data, data_setting = _data(task, args, out)
     if args.answers:
-        texts = runner.load_external_answers(Path(args.answers), questions)
-        out.mkdir(parents=True, exist_ok=True)
-        source = {"answers": str(Path(args.answers).resolve())}
-        scores = runner.write_results(args.benchmark, questions, texts, out, source)
-        _report(scores, out, None)
-        return scores
+        questions = _questions(task, data, None, out, args, answers=Path(args.answers))
+        return harness.score_outside_answers(task, questions, Path(args.answers), out)
 
-    knobs = _knobs(args, embedded)
+    knobs = _knobs(args, methods, embedded)
     if embedded:
-        backend = sample.tiny_backend()
+        backend = embedded.build()
     elif backend is None:
-        device = args.device or proc.device  # several processes on GPUs: one GPU each
-        backend = models.load_backend(args.model, args.family, device, args.dtype, work_dir=out)
-    if args.method != "none":
-        import hallupatch
-
-        hallupatch.apply(backend.model, method=args.method, **knobs)
-    try:
-        return _answer_and_score(args, backend, questions, out, proc, embedded, knobs)
-    finally:
-        if args.method != "none":
-            hallupatch.remove(backend.model)
-
-
-def _answer_and_score(args, backend, questions, out: Path, proc, embedded: bool, knobs) -> Optional[Dict[str, Any]]:
-    max_new_tokens = args.max_new_tokens or (EMBEDDED_MAX_NEW_TOKENS if embedded else backend.recipe.max_new_tokens)
+        device = args.device or harness.current_process().device  # several processes on GPUs: one GPU each
+        backend = models.load_backend(args.model, args.recipe, device, args.dtype, work_dir=out)
+    questions = _questions(task, data, backend.recipe.name, out, args)
+    max_new_tokens = args.max_new_tokens or (embedded.max_new_tokens(task.free_text) if embedded else None) \
+        or task.max_new_tokens or backend.recipe.max_new_tokens
     settings = {
         "benchmark": args.benchmark,
-        "model": EMBEDDED_MODEL if embedded else _where(args.model) if args.model else backend.name,
-        "family": backend.recipe.family,
+        "model": f"embedded:{embedded.name}" if embedded else _where(args.model) if args.model else backend.name,
+        "recipe": backend.recipe.name,
         "prompt_template": backend.recipe.template,
-        "question_style": backend.recipe.question_style,
-        "data": EMBEDDED_DATA if args.data is None else _where(args.data),
-        "image_folder": str(Path(args.image_folder).resolve()) if args.image_folder else None,
-        "splits": args.splits,
-        "method": args.method,
-        "knobs": knobs,
+        "question_style": "as_is" if task.free_text else backend.recipe.question_style,
+        "data": data_setting,
         "max_new_tokens": max_new_tokens,
+        "limit": args.limit,
         "dtype": str(next(backend.model.parameters()).dtype).replace("torch.", ""),
         "decoding": "greedy",
+        **task.settings(),
     }
-    runner.open_run(out, settings, proc, overwrite=args.overwrite)
-
-    start = time.perf_counter()
-    produced = runner.answer_questions(
-        backend, questions, out, batch_size=args.batch_size or (EMBEDDED_BATCH_SIZE if embedded else 1),
-        max_new_tokens=max_new_tokens, proc=proc,
-        trace="memvr" in args.method.split("+"), progress=not args.no_progress,
+    plan = harness.Run(
+        backend=backend, questions=questions, out_dir=out, methods=knobs, settings=settings,
+        batch_size=args.batch_size or (embedded.batch_size if embedded else 1), max_new_tokens=max_new_tokens,
+        overwrite=args.overwrite, progress=not args.no_progress,
     )
-    elapsed = time.perf_counter() - start
-    proc.barrier()
-    if not proc.is_main:
-        return None
-    scores = runner.finish(args.benchmark, questions, out, settings)
-    _report(scores, out, (produced, elapsed, proc.world))
-    return scores
+    results, comparison = harness.evaluate(task, plan)
+    if len(methods) == 1 or results[methods[0]] is None:
+        return results[methods[0]]
+    return {"methods": results, "comparison": comparison}
 
 
-def _report(scores, out: Path, timing) -> None:
-    tool = f", official-tool files: {out / 'mme_tool'}" if scores["benchmark"] == "mme" else ""
-    runner.print_report(runner.format_table(scores), timing, f"{out / 'scores.json'}{tool}")
+def _data(task: Task, args, out: Path):
+    """The data path and its ``run.json`` setting: ``--data``, else the task's built-in data."""
+    if args.data is not None:
+        return Path(args.data) if Path(args.data).exists() else args.data, _where(args.data)
+    embedded = task.embedded_data(out)
+    if embedded is None:
+        raise DataError(f"{task.title} needs --data: {task.data_help}")
+    path, label = embedded
+    return path, label
+
+
+def _questions(task: Task, data, recipe, out: Path, args, answers: Optional[Path] = None):
+    questions = task.load(data, recipe, out, answers)
+    if args.limit is not None:
+        questions = questions[: args.limit]
+    harness.check_unique(questions)
+    return questions
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point: errors become one clear line on stderr and exit status 2."""
     try:
         run(argv)
-    except (tasks.DataError, StoreError, ValueError, TypeError, ImportError, FileNotFoundError) as err:
+    except (DataError, StoreError, ValueError, TypeError, ImportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,11 @@
-"""Model loading and each family's published evaluation prompt, behind one small interface.
+"""Model loading and each checkpoint's published evaluation prompt (its *recipe*), behind one small interface.
 
-The family-specific parts are data: :data:`RECIPES` holds, per family, the conversation template,
-how the benchmark question is rewritten, the image preprocessing and the generation length, each
-with the published source it follows. The backends only turn a recipe into model inputs.
+Vocabulary: a model *family* is the structural spec the patches use (``llama``, ``qwen``, ``chatglm``:
+``hallupatch.spec``); a *recipe* is how the published evaluation of a kind of checkpoint loads and prompts
+it (``llava-hf``, ``llava``, ``qwen-vl``, ``glm-4v``). The recipe-specific parts are data:
+:data:`RECIPES` holds, per recipe, the conversation template, how the benchmark question is rewritten,
+the image preprocessing and the generation length, each with the published source it follows. The
+backends only turn a recipe into model inputs.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from hallupatch.eval.tasks import Question
+from hallupatch.eval.data import Question
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 _YES_NO_SUFFIX = re.compile(r"\s*Please answer yes or no\.\s*$")
@@ -26,7 +29,7 @@ VICUNA_V1_SYSTEM = (
 
 @dataclass(frozen=True)
 class Recipe:
-    """A family's published evaluation recipe.
+    """A kind of checkpoint's published evaluation recipe (``name``: its key in :data:`RECIPES`).
 
     ``template``: the full prompt, with ``{question}`` and (Qwen) ``{image}``; ``None`` = the
     tokenizer's own chat template. ``question_style``: ``"short_answer"`` (LLaVA-1.5: drop
@@ -35,7 +38,7 @@ class Recipe:
     ``image_aspect_ratio="pad"``). ``max_new_tokens``: ``None`` = the checkpoint's generation config.
     """
 
-    family: str
+    name: str
     template: Optional[str]
     question_style: str
     pad_to_square: bool
@@ -89,8 +92,8 @@ def expand_to_square(image, background: Tuple[int, int, int]):
     return canvas
 
 
-def detect_family(path: str) -> str:
-    """The recipe family of a checkpoint folder, from its ``config.json``."""
+def detect_recipe(path: str) -> str:
+    """The recipe of a checkpoint folder, from its ``config.json``."""
     config_file = Path(path) / "config.json"
     if not Path(path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         from huggingface_hub import hf_hub_download  # a hub name: its config from the cache or the hub
@@ -111,8 +114,8 @@ def detect_family(path: str) -> str:
     if model_type == "chatglm" or "ChatGLMForConditionalGeneration" in architectures:
         return "glm-4v"
     raise ValueError(
-        f"cannot tell the model family of {path} (model_type={model_type!r}, architectures={architectures!r}); "
-        f"pass --family, one of {sorted(RECIPES)}"
+        f"cannot tell the model family and evaluation recipe of {path} (model_type={model_type!r}, architectures={architectures!r}); "
+        f"pass --recipe, one of {sorted(RECIPES)}"
     )
 
 
@@ -123,7 +126,6 @@ class Backend:
     rewritten question) and ``new_tokens`` (tokens generated for that sample up to and including EOS).
     """
 
-    family = ""
 
     def __init__(self, model, recipe: Recipe, name: str):
         self.model = model
@@ -164,8 +166,6 @@ def _eos_ids(model, tokenizer) -> List[int]:
 class LlavaHFBackend(Backend):
     """llava-hf checkpoints: ``LlavaForConditionalGeneration`` + ``AutoProcessor``, left-padded batches."""
 
-    family = "llava-hf"
-
     def __init__(self, model, processor, recipe: Recipe, name: str):
         super().__init__(model, recipe, name)
         self.processor = processor
@@ -197,7 +197,6 @@ class OriginalLlavaBackend(Backend):
     """Checkpoints of the original LLaVA repository (``llava`` package), one question at a time, as
     its ``model_vqa_loader`` runs them."""
 
-    family = "llava"
 
     def __init__(self, model, tokenizer, image_processor, recipe: Recipe, name: str):
         super().__init__(model, recipe, name)
@@ -226,8 +225,6 @@ class OriginalLlavaBackend(Backend):
 
 class QwenVLBackend(Backend):
     """Qwen-VL-Chat (``trust_remote_code``): ChatML prompt with ``<img>path</img>``, left-padded batches."""
-
-    family = "qwen-vl"
 
     def __init__(self, model, tokenizer, recipe: Recipe, name: str, image_dir: Path):
         super().__init__(model, recipe, name)
@@ -262,8 +259,6 @@ class QwenVLBackend(Backend):
 
 class GLM4VBackend(Backend):
     """GLM-4V-9b (``trust_remote_code``): the tokenizer's chat template with the image, left-padded."""
-
-    family = "glm-4v"
 
     def __init__(self, model, tokenizer, recipe: Recipe, name: str):
         super().__init__(model, recipe, name)
@@ -310,23 +305,23 @@ def resolve_dtype(name: Optional[str], device: str) -> torch.dtype:
 
 
 def load_backend(
-    path: str, family: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
+    path: str, recipe: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
     work_dir: Optional[Path] = None,
 ) -> Backend:
-    """Load a checkpoint folder with its family's loader and recipe (family auto-detected if ``None``)."""
-    family = family or detect_family(path)
-    if family not in RECIPES:
-        raise ValueError(f"unknown family {family!r}; choose one of {sorted(RECIPES)}")
+    """Load a checkpoint folder with its recipe's loader and prompt (the recipe detected if ``None``)."""
+    name = recipe or detect_recipe(path)
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    recipe = RECIPES[family]
-    name = Path(path).name
-    if family == "llava-hf":
+    recipe = RECIPES[name]
+    checkpoint_name = Path(path).name
+    if name == "llava-hf":
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=torch_dtype).to(device).eval()
-        return LlavaHFBackend(model, AutoProcessor.from_pretrained(path), recipe, name)
-    if family == "llava":
+        return LlavaHFBackend(model, AutoProcessor.from_pretrained(path), recipe, checkpoint_name)
+    if name == "llava":
         try:
             from llava.mm_utils import get_model_name_from_path
             from llava.model.builder import load_pretrained_model
@@ -339,11 +334,11 @@ def load_backend(
         tokenizer, model, image_processor, _ = load_pretrained_model(
             path, None, get_model_name_from_path(path), device=device, torch_dtype=torch_dtype
         )
-        return OriginalLlavaBackend(model.eval(), tokenizer, image_processor, recipe, name)
+        return OriginalLlavaBackend(model.eval(), tokenizer, image_processor, recipe, checkpoint_name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, torch_dtype=torch_dtype).to(device).eval()
-    if family == "qwen-vl":
-        return QwenVLBackend(model, tokenizer, recipe, name, Path(work_dir or ".") / "qwen_images")
-    return GLM4VBackend(model, tokenizer, recipe, name)
+    if name == "qwen-vl":
+        return QwenVLBackend(model, tokenizer, recipe, checkpoint_name, Path(work_dir or ".") / "qwen_images")
+    return GLM4VBackend(model, tokenizer, recipe, checkpoint_name)

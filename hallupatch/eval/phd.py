@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from .data import PathLike
 from .scoring import parse_pope_answer
 
-PathLike = Union[str, Path]
 
 PHD_MODES = ("base", "iac", "icc", "ccs")
 CONTEXT_INSTRUCTION = (" In case there is an inconsistency between the context and the image content, "
@@ -104,7 +104,7 @@ def load_phd(path: PathLike, modes: Sequence[str] = PHD_MODES) -> List[PhDQuesti
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"PhD data file not found: {path} (the benchmark's data.json)")
-    from .tasks import read_json
+    from .data import read_json
 
     data = read_json(path)
     if not isinstance(data, list):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from hallupatch.candidates import Candidate, Scorer, rank_candidates
-from hallupatch.eval.tasks import Question
+from hallupatch.eval.data import Question
 
 
 def load_scorer(spec: str) -> Scorer:

@@ -1,4 +1,4 @@
-"""Region captioning (RefCOCOg style): data, per-family region prompts, and scoring.
+"""Region captioning (RefCOCOg style): data, per-recipe region prompts, and scoring.
 
 Scores, as the COCO caption evaluation toolkit computes them (``pycocoevalcap``): both references and
 predictions go through its PTB tokenizer, then BLEU-4, METEOR (1.5 jar), ROUGE-L and CIDEr (CIDEr-D as
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .data import PathLike
 from .chair import ChairResult, ChairWords, score_captions
 
-PathLike = Union[str, Path]
 
 CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 JAVA_HINT = ("pycocoevalcap's PTB tokenizer and METEOR need a Java runtime and none was found on PATH; "
@@ -54,7 +54,7 @@ def load_region_samples(path: PathLike) -> List[RegionSample]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"region caption data file not found: {path}")
-    from .tasks import DataError, json_lines, read_json
+    from .data import DataError, json_lines, read_json
 
     if path.suffix == ".jsonl":
         records = list(json_lines(path))
@@ -124,7 +124,7 @@ def load_refcocog(refs_path: PathLike, instances_path: PathLike, split: str = "v
 # ----------------------------------------------------------------------------------- prompts
 @dataclass(frozen=True)
 class RegionPrompt:
-    """How a model family is asked about a region.
+    """How an evaluation recipe asks about a region.
 
     ``template`` gets ``x1, y1, x2, y2`` (box corners, already scaled and rounded as strings).
     Coordinates are divided by the image side (or by the padded square's side when
@@ -174,11 +174,11 @@ REGION_PROMPTS: Dict[str, RegionPrompt] = {
 }
 
 
-def region_prompt(family: str, bbox: Sequence[float], width: int, height: int) -> str:
-    """The region question for ``family`` (one of :data:`REGION_PROMPTS`)."""
-    if family not in REGION_PROMPTS:
-        raise ValueError(f"no region prompt for family {family!r}; known: {sorted(REGION_PROMPTS)}")
-    return REGION_PROMPTS[family].format(bbox, width, height)
+def region_prompt(recipe: str, bbox: Sequence[float], width: int, height: int) -> str:
+    """The region question for the evaluation ``recipe`` (one of :data:`REGION_PROMPTS`)."""
+    if recipe not in REGION_PROMPTS:
+        raise ValueError(f"no region prompt for recipe {recipe!r}; known: {sorted(REGION_PROMPTS)}")
+    return REGION_PROMPTS[recipe].format(bbox, width, height)
 
 
 # ----------------------------------------------------------------------------------- scoring

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple, Union
 
@@ -121,6 +122,26 @@ def _write_sample(root: Path) -> None:
     )
 
 
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """The model ``python -m hallupatch.eval`` uses without ``--model``, with the run settings it needs.
+
+    ``answer_tokens`` / ``caption_tokens``: generation lengths for yes/no and free-text tasks;
+    ``method_knobs``: per method, knobs that replace the published defaults on this model (e.g. MemVR's
+    layer window, which the published 5..16 would exceed).
+    """
+
+    name: str
+    build: Callable[[], object]
+    batch_size: int
+    answer_tokens: int
+    caption_tokens: int
+    method_knobs: Dict[str, Dict[str, object]] = field(default_factory=dict)
+
+    def max_new_tokens(self, free_text: bool) -> int:
+        return self.caption_tokens if free_text else self.answer_tokens
+
+
 def tiny_backend(seed: int = 0):
     """The embedded model: :func:`hallupatch.testing.tiny.tiny_llava` behind the llava-hf backend."""
     from hallupatch.eval.models import RECIPES, LlavaHFBackend
@@ -128,3 +149,8 @@ def tiny_backend(seed: int = 0):
 
     model, processor = tiny_llava(seed=seed)
     return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=f"tiny-llava-seed{seed}")
+
+
+# the random tiny model rarely stops by itself: 8 tokens hold any yes/no, 24 a short caption
+EMBEDDED = EmbeddedModel("tiny-llava", tiny_backend, batch_size=8, answer_tokens=8, caption_tokens=24,
+                         method_knobs={"memvr": {"starting_layer": 0, "ending_layer": 3}})

@@ -1,96 +1,22 @@
-"""Benchmark data: questions loaded from the official layouts or a ``datasets`` dataset.
+"""MME (Fu et al. 2023): yes/no questions, two per image, scored as the official ``eval_tool/calculation.py``.
 
-A benchmark task here is a list of :class:`Question` (data loading) plus a prompt recipe
-(``models.py``) plus a scorer (``scoring.py``), in the shape of lmms-eval's tasks. Loading checks
-every file and line up front: a missing image or a malformed line raises :class:`DataError` naming
-the path and line, before any answer is generated.
+Data: the released folder (``MME_Benchmark_release_version``: one folder per subtask) or a ``datasets``
+copy with the ``lmms-lab/MME`` columns. Writes the official tool's input files (``mme_tool/``).
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from hallupatch.eval.scoring import MME_SUBTASKS, POPE_SPLITS
+from hallupatch.eval.data import IMAGE_EXTENSIONS, DataError, Question, match_llava_answers, yes_no_label
+from hallupatch.eval.scoring import MME_SUBTASKS, MMERecord, mme_tool_lines, parse_mme_answer, score_mme
+from hallupatch.eval.tasks import Task, answered_questions, partial_note, register_task, with_counts
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 MME_RELEASE_FOLDER = "MME_Benchmark_release_version"
 MME_COLUMNS = ("question_id", "image", "question", "answer", "category")
-POPE_KEYS = ("question_id", "image", "text", "label")
-
-
-class DataError(ValueError):
-    """Benchmark data that cannot be used as it is; the message names the file (and line)."""
-
-
-@dataclass
-class Question:
-    """One benchmark question.
-
-    ``qid`` is unique within a benchmark (MME: ``<subtask>/<image>#<k>``, POPE: ``<split>/<question_id>``);
-    ``image_id`` is LLaVA's question id for the image (MME: ``<subtask>/<image>``, POPE: the image file);
-    ``group`` is the MME subtask or the POPE split; ``answer`` the ground truth as written in the data.
-    """
-
-    qid: str
-    group: str
-    image_id: str
-    image_name: str
-    question: str
-    answer: str
-    image: Union[str, Callable[[], "object"]] = field(repr=False)
-    source: str = ""
-
-    def load_image(self):
-        """The image as an RGB ``PIL.Image``."""
-        from PIL import Image
-
-        if callable(self.image):
-            img = self.image()
-        else:
-            try:
-                img = Image.open(self.image)
-                img.load()
-            except OSError as err:
-                raise DataError(f"cannot read image {self.image} (question {self.source}): {err}") from err
-        return img.convert("RGB")
-
-
-def read_json(path: Union[str, Path]):
-    """A JSON file's content; invalid JSON or text is a :class:`DataError` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-
-
-def json_lines(path: Union[str, Path]) -> Iterator[Tuple[str, dict]]:
-    """``(where, record)`` for every non-blank line of a JSON-lines file, ``where`` = ``path:line``.
-
-    A line that is not a JSON object is a :class:`DataError` naming the path and line number.
-    """
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}): {line.strip()[:120]!r}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object; got {line.strip()[:120]!r}")
-            yield where, row
-
-
-def _yes_no(value: str, where: str, line: str) -> str:
-    if str(value).strip().lower() not in ("yes", "no"):
-        raise DataError(f"{where}: the answer must be Yes or No, got {value!r} in line {line!r}")
-    return str(value).strip()
+TOOL_FOLDER = "mme_tool"
 
 
 def _subtask_order(name: str):
@@ -146,7 +72,7 @@ def load_mme_folder(root: Union[str, Path]) -> List[Question]:
                     parts = line.strip().split("\t")
                     if len(parts) != 2:
                         raise DataError(f"{where}: expected 'question<TAB>Yes|No', got {line.rstrip()!r}")
-                    answer = _yes_no(parts[1], where, line.rstrip())
+                    answer = yes_no_label(parts[1], where, line.rstrip())
                     questions.append(
                         Question(
                             qid=f"{sub.name}/{image.name}#{k}",
@@ -225,7 +151,7 @@ def load_mme_dataset(path: Union[str, Path]) -> List[Question]:
                 image_id=image_id,
                 image_name=image_id.split("/")[-1],
                 question=str(row["question"]).strip(),
-                answer=_yes_no(row["answer"], where, repr(row["question"])),
+                answer=yes_no_label(row["answer"], where, repr(row["question"])),
                 image=_DatasetImage(ds, row_index),
                 source=where,
             )
@@ -259,76 +185,71 @@ def load_mme(path: Union[str, Path]) -> List[Question]:
     return load_mme_dataset(path)
 
 
-# --------------------------------------------------------------------------- POPE
-def _pope_split_of(file: Path) -> str:
-    stem = file.name.split(".")[0]
-    for split in POPE_SPLITS:
-        if stem == split or stem.endswith("_" + split):
-            return split
-    return stem
-
-
-def pope_question_files(data: Union[str, Path], splits: Optional[Sequence[str]] = None) -> Dict[str, Path]:
-    """``{split: question file}``: a folder with ``coco_pope_<split>.json`` (JSON lines) or
-    ``<split>.jsonl`` files, or one such file."""
-    data = Path(data)
-    if data.is_file():
-        files = {_pope_split_of(data): data}
-    elif data.is_dir():
-        files = {}
-        for f in sorted(data.iterdir()):
-            if f.is_file() and f.suffix in (".json", ".jsonl") and _pope_split_of(f) in POPE_SPLITS:
-                split = _pope_split_of(f)
-                if split in files:
-                    raise DataError(f"two question files for POPE split {split!r}: {files[split]} and {f}")
-                files[split] = f
-        if not files:
-            raise DataError(
-                f"no POPE question files in {data}: expected coco_pope_random.json, coco_pope_popular.json, "
-                "coco_pope_adversarial.json (JSON lines with question_id, image, text, label)"
+def write_mme_tool_files(folder: Path, questions: Sequence[Question], texts: Mapping[str, str]) -> List[Path]:
+    """The official MME tool's input: ``<subtask>.txt`` with ``image\\tquestion\\tgt\\tprediction`` lines,
+    an image's questions on consecutive lines (the tool pairs lines two by two)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: Dict[str, Dict[str, List[dict]]] = defaultdict(dict)
+    for q in questions:
+        if q.qid in texts:
+            rows[q.group].setdefault(q.image_id, []).append(
+                {"image": q.image_name, "question": q.question, "answer": q.answer, "prediction": texts[q.qid]}
             )
-    else:
-        raise DataError(f"POPE data not found: {data}")
-    if splits:
-        absent = [s for s in splits if s not in files]
-        if absent:
-            raise DataError(f"POPE split(s) {absent} not found in {data}; found {sorted(files)}")
-        files = {s: files[s] for s in splits}
-    return dict(sorted(files.items(), key=lambda kv: (POPE_SPLITS.index(kv[0]) if kv[0] in POPE_SPLITS else 9, kv[0])))
+    written = []
+    for subtask, by_image in rows.items():
+        path = folder / f"{subtask}.txt"
+        lines = mme_tool_lines([row for image_rows in by_image.values() for row in image_rows])
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
 
 
-def load_pope(
-    data: Union[str, Path], image_folder: Optional[Union[str, Path]] = None, splits: Optional[Sequence[str]] = None
-) -> List[Question]:
-    """POPE questions from the split files (JSON lines: ``question_id, image, text, label``) and the
-    folder of COCO images they name (``--image-folder``; default ``<data>/images`` or ``<data>/val2014``)."""
-    files = pope_question_files(data, splits)
-    base = Path(data) if Path(data).is_dir() else Path(data).parent
-    if image_folder is None:
-        image_folder = next((base / n for n in ("images", "val2014") if (base / n).is_dir()), None)
-        if image_folder is None:
-            raise DataError(f"POPE needs the COCO val2014 images: pass --image-folder DIR (no {base}/images or {base}/val2014)")
-    image_folder = Path(image_folder)
-    if not image_folder.is_dir():
-        raise DataError(f"POPE image folder not found: {image_folder}")
-    questions = []
-    for split, file in files.items():
-        for where, row in json_lines(file):
-            if any(k not in row for k in POPE_KEYS):
-                raise DataError(f"{where}: a POPE question needs keys {list(POPE_KEYS)}; got {json.dumps(row)[:120]!r}")
-            image = image_folder / str(row["image"])
-            if not image.is_file():
-                raise DataError(f"{where}: image not found: {image}")
-            questions.append(
-                Question(
-                    qid=f"{split}/{row['question_id']}",
-                    group=split,
-                    image_id=str(row["image"]),
-                    image_name=str(row["image"]),
-                    question=str(row["text"]),
-                    answer=_yes_no(row["label"], where, json.dumps(row)[:120]).lower(),
-                    image=str(image),
-                    source=where,
-                )
+@register_task
+class MME(Task):
+    name = "mme"
+    title = "MME"
+    summary = "MME perception and cognition (yes/no), scored as the official calculation.py"
+    data_help = ("the released folder (MME_Benchmark_release_version) or a `datasets` dataset (save_to_disk "
+                 "folder, parquet/arrow files, or a cached hub name such as lmms-lab/MME)")
+
+    def embedded_data(self, work_dir: Path):
+        from hallupatch.eval import sample
+
+        return sample.write_mme_sample(work_dir / "sample_data"), f"embedded:mme-sample-v{sample.SAMPLE_VERSION}"
+
+    def load(self, data, recipe, out_dir, answers):
+        return load_mme(data)
+
+    def read_answers(self, path, questions):
+        return match_llava_answers(path, questions)
+
+    def score(self, questions, texts):
+        answered = answered_questions(questions, texts)
+        scores = score_mme(MMERecord(q.group, q.image_id, q.answer, texts[q.qid]) for q in answered)
+        return with_counts(scores, answered, questions), None
+
+    def table(self, scores):
+        out = [f"{'subtask':<24}{'category':<12}{'acc':>8}{'acc+':>8}{'score':>9}{'other':>7}"]
+        for name, s in scores["subtasks"].items():
+            out.append(
+                f"{name:<24}{s['category']:<12}{s['acc'] * 100:>8.2f}{s['acc_plus'] * 100:>8.2f}"
+                f"{s['score']:>9.2f}{s['other_answers']:>7d}"
             )
-    return questions
+        out.append("-" * 68)
+        out.append(f"{'perception':<44}{scores['perception']:>9.2f}")
+        out.append(f"{'cognition':<44}{scores['cognition']:>9.2f}")
+        return "\n".join(out + partial_note(scores))
+
+    def headline(self, scores):
+        return {"perception": scores["perception"], "cognition": scores["cognition"]}
+
+    def item_correct(self, question, text):
+        return parse_mme_answer(text) == question.answer.strip().lower()
+
+    def write_files(self, out_dir, questions, records):
+        texts = {qid: r["text"] for qid, r in records.items()}
+        return write_mme_tool_files(Path(out_dir) / TOOL_FOLDER, questions, texts)
+
+    def result_note(self, out_dir):
+        return f", official-tool files: {out_dir / TOOL_FOLDER}"
