@@ -127,3 +127,10 @@ def test_unreadable_answers_file_on_the_command_line_is_one_error_line(tmp_path,
     answers.write_bytes(content)
     assert cli.main(["mme", "--answers", str(answers), "--data", str(mme_folder), "--output", str(tmp_path / "o")]) == 2
     one_error_line(capsys, str(answers))
+
+
+def test_load_backend_refuses_an_unusable_device_before_loading(tmp_path):
+    from hallupatch.eval import models
+
+    with pytest.raises(ValueError, match="--device 'tpu' is not a torch device"):
+        models.load_backend(str(tmp_path / "no-checkpoint"), recipe="llava-hf", device="tpu")

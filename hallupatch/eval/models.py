@@ -334,7 +334,7 @@ def load_backend(
     name = recipe or detect_recipe(path)
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    device = device or default_device()
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     recipe = RECIPES[name]
     checkpoint_name = Path(path).name
