@@ -79,6 +79,16 @@ def one_token_per_image(model: nn.Module) -> int:
     return 1
 
 
+def no_image_token(model: nn.Module) -> Optional[int]:
+    """The default ``FamilySpec.image_token_id``: the family marks no image in ``input_ids``."""
+    return None
+
+
+def visual_output_as_is(output: Any) -> torch.Tensor:
+    """The default ``FamilySpec.visual_output``: the visual module returns ``(num_images, tokens, hidden)``."""
+    return output
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """Declarative description of one model family.
@@ -118,12 +128,13 @@ class FamilySpec:
     # instead of at the output of the visual module (LLaVA-NeXT assembles tiles and image-newline rows
     # after its projector)
     visual_merge_method: Optional[str] = None
-    # token id that marks one image in input_ids (one occurrence per image), read from the model
-    image_token_id: Callable[[nn.Module], Optional[int]] = lambda model: None
+    # token id that marks one image in input_ids (one occurrence per image), read from the model. Callables
+    # here are module-level functions, never lambdas, so that a patched model can be pickled.
+    image_token_id: Callable[[nn.Module], Optional[int]] = no_image_token
     # how many times image_token_id occurs in input_ids per image (Idefics2 writes one per visual token)
     tokens_per_image: Callable[[nn.Module], int] = one_token_per_image
     # turns the visual module's output into a (num_images, tokens, hidden) tensor
-    visual_output: Callable[[Any], torch.Tensor] = lambda output: output
+    visual_output: Callable[[Any], torch.Tensor] = visual_output_as_is
     # whether the last entry of the model's output_hidden_states has the final norm applied (transformers
     # models: yes; GLM-4V's own code returns the last layer's raw output there)
     final_hidden_normed: bool = True

@@ -360,6 +360,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(name: Optional[str]) -> str:
+    """``--device`` checked on this machine (``None``: cuda when available, else cpu); a device torch does
+    not know or cannot use here is a ``ValueError`` saying what to pass instead."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} needs a CUDA GPU, but torch finds none on this machine: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...)")
+    try:
+        if device.type == "meta":
+            raise RuntimeError("meta tensors hold no data")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as err:
+        raise ValueError(f"--device {name} cannot be used on this machine ({str(err).splitlines()[0]}): use cpu or cuda") from None
+    return name
+
+
 def resolve_dtype(name: Optional[str], device: str) -> torch.dtype:
     if name is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
@@ -377,7 +399,7 @@ def load_backend(
     name = recipe or detect_recipe(path)
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    device = device or default_device()
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     recipe = RECIPES[name]
     checkpoint_name = Path(path).name
