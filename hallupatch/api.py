@@ -7,8 +7,11 @@ from typing import Any, Iterator, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from hallupatch.engine import PATCH_ATTRIBUTE, Patch, as_memory_list, get_patch
+from hallupatch.engine import (
+    PATCH_ATTRIBUTE, Patch, as_memory_list, checkpointing_modules, get_patch, refuse_gradient_checkpointing,
+)
 from hallupatch.methods import Method, MethodConfig, parse_method
+from hallupatch.methods.memvr import memory_problem
 from hallupatch.spec import resolve
 
 
@@ -32,6 +35,7 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
     configs = build_configs(methods, parts.spec.method_defaults, config, knobs, method)
     for cfg in configs:
         cfg.validate_for(parts)  # before anything changes: a refused apply keeps the previous patch
+    refuse_gradient_checkpointing(checkpointing_modules(model))
 
     previous = get_patch(model)
     remove(model)
@@ -53,7 +57,7 @@ def build_configs(methods: Sequence[Method], family_defaults: Mapping[str, Mappi
                   knobs: Mapping[str, Any], method: str) -> List[MethodConfig]:
     """One validated config per method: a given config object, else the family's published defaults,
     then ``knobs`` on top (a knob that several of the methods have must come through config objects)."""
-    given = {type(c): c for c in ([] if config is None else config if isinstance(config, (list, tuple)) else [config])}
+    given = configs_by_class(methods, config, method)
     valid = {k for m in methods for k in m.config_cls.knobs()}
     unknown = sorted(set(knobs) - valid)
     if unknown:
@@ -74,6 +78,31 @@ def build_configs(methods: Sequence[Method], family_defaults: Mapping[str, Mappi
     return configs
 
 
+def configs_by_class(methods: Sequence[Method], config: Any, method: str) -> dict:
+    """``config`` (``None``, one config object or a list/tuple of them) as ``{config class: object}``.
+
+    Every object must be an instance of one of the methods' config classes, at most one per class:
+    a config that does not belong to the method is refused, never replaced by defaults.
+    """
+    given = [] if config is None else list(config) if isinstance(config, (list, tuple)) else [config]
+    expected = {m.config_cls: m.name for m in methods}
+    names = ", ".join(f"{cls.__name__} (for {name!r})" for cls, name in expected.items())
+    by_class: dict = {}
+    for obj in given:
+        owner = next((cls for cls in expected if isinstance(obj, cls)), None)
+        if owner is None:
+            raise TypeError(
+                f"config={obj!r} does not belong to method {method!r}: pass config objects of the classes "
+                f"{names}, e.g. config=hallupatch.{next(iter(expected)).__name__}(...), or knobs as keywords"
+            )
+        if owner in by_class:
+            raise ValueError(
+                f"config has two {owner.__name__} objects for method {method!r}; give one config per method"
+            )
+        by_class[owner] = obj
+    return by_class
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Undo every change ``apply`` made; a no-op on an unpatched model. Returns the same object."""
     patch = get_patch(model)
@@ -83,14 +112,26 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def restore_patch(model: nn.Module, previous: Optional[Patch]) -> nn.Module:
+    """Put back the patch ``previous`` (its configs and explicit visual memory), or none when ``None``;
+    what was applied meanwhile is removed."""
+    if previous is None or not previous.configs:
+        return remove(model)
+    apply(model, method="+".join(previous.configs), config=list(previous.configs.values()))
+    get_patch(model).explicit_memory = previous.explicit_memory
+    return model
+
+
 @contextlib.contextmanager
 def patched(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: Any) -> Iterator[nn.Module]:
-    """``with hallupatch.patched(model, method="memvr"): model.generate(...)``; removed on exit."""
+    """``with hallupatch.patched(model, method="memvr"): model.generate(...)``; on exit the model is as
+    before the block: unpatched, or patched as it was (same configs and visual memory)."""
+    previous = get_patch(model)
     apply(model, method, config=config, **knobs)
     try:
         yield model
     finally:
-        remove(model)
+        restore_patch(model, previous)
 
 
 def set_visual_memory(
@@ -99,15 +140,25 @@ def set_visual_memory(
     """Give a patched model the visual tokens to retrace explicitly (e.g. a plain ``LlamaForCausalLM``).
 
     ``tokens``: ``(batch, n_tokens, hidden)``, ``(n_tokens, hidden)`` for one sample, or a list with one
-    ``(n_i, hidden)`` tensor or ``None`` per sample. It is used for every following generation instead of
-    captured images, until replaced or cleared with ``tokens=None``.
+    ``(n_i, hidden)`` tensor or ``None`` per sample (no retracing for it). It is used for every following
+    generation instead of captured images, until replaced or cleared with ``tokens=None``. Where
+    ``generate()`` repeats each sample's row (beams, ``num_return_sequences``, contrastive search's
+    candidates), every copy uses its sample's tokens. Empty, all-zero or non-finite tokens are refused.
     """
     patch = _require_patch(model, "set_visual_memory")
     memory = as_memory_list(tokens)
     hidden = patch.parts.final_norm.weight.shape[-1] if hasattr(patch.parts.final_norm, "weight") else None
-    for t in memory or []:
-        if t is not None and hidden is not None and t.shape[-1] != hidden:
+    for i, t in enumerate(memory or []):
+        if t is None:
+            continue
+        if hidden is not None and t.shape[-1] != hidden:
             raise ValueError(f"visual tokens must have the model's hidden size {hidden}; got {t.shape[-1]}")
+        problem = memory_problem(t)
+        if problem:
+            raise ValueError(
+                f"sample {i}'s visual tokens are {problem}: MemVR scales the memory by 1 / mean|tokens|, so it "
+                "needs finite tokens that are not all zero; give None for a sample without an image"
+            )
     patch.explicit_memory = memory
 
 

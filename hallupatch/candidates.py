@@ -105,7 +105,7 @@ def generate_candidates(
     Returns ``[sample][i]`` -> :class:`Candidate` for ``layers[i]``. Each sample is decided alone, so a
     batch gives the same candidates as its samples one by one.
     """
-    from hallupatch.api import apply, remove
+    from hallupatch.api import apply, restore_patch
     from hallupatch.engine import get_patch
     from hallupatch.methods.dola import DoLaConfig
 
@@ -137,10 +137,7 @@ def generate_candidates(
             sequences = output.sequences if hasattr(output, "sequences") else output
             per_layer.append(sequences[:, input_ids.shape[1]:] if input_ids is not None else sequences)
     finally:
-        if previous is None:
-            remove(model)
-        elif previous.configs:
-            apply(model, method="+".join(previous.configs), config=list(previous.configs.values()))
+        restore_patch(model, previous)
     batch = per_layer[0].shape[0]
     result: List[List[Candidate]] = []
     for b in range(batch):

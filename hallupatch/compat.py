@@ -10,8 +10,9 @@ that it leaves out the generation-only inputs its ``forward`` does not accept, a
 """
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
@@ -32,35 +33,28 @@ def unaccepted_generation_inputs(model: nn.Module) -> Tuple[str, ...]:
     return tuple(name for name in GENERATION_ONLY_INPUTS if name not in parameters)
 
 
-class InputsDroppedForForward:
-    """A model's ``prepare_inputs_for_generation`` that leaves out ``names`` (inputs its ``forward`` lacks).
-
-    A callable object rather than a closure, so a deep copy of the model gets a wrapper bound to the copy.
-    It shows the wrapped method's signature: generation reads it (e.g. whether ``inputs_embeds`` is taken).
-    """
-
-    def __init__(self, prepare: Callable[..., Dict[str, Any]], names: Tuple[str, ...]):
-        self.prepare = prepare
-        self.names = names
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.prepare)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
-        inputs = self.prepare(*args, **kwargs)
-        for name in self.names:
-            inputs.pop(name, None)
-        return inputs
+def drop_inputs(names: Tuple[str, ...], prepare: Callable[..., Dict[str, Any]], *args: Any, **kwargs: Any
+                ) -> Dict[str, Any]:
+    """``prepare(*args, **kwargs)`` without ``names``: the replacement installed on ``prepare_inputs_for_generation``."""
+    inputs = prepare(*args, **kwargs)
+    for name in names:
+        inputs.pop(name, None)
+    return inputs
 
 
-def generation_inputs_wrapper(model: nn.Module):
-    """The replacement of ``model.prepare_inputs_for_generation`` that ``generate()`` needs, or ``None``."""
-    current = getattr(model, PREPARE, None)
+def _drops_inputs(value: Any) -> bool:
+    """Whether ``value`` (an instance attribute) is already a :func:`drop_inputs` wrapper."""
+    replacement = value.args[3] if isinstance(value, functools.partial) and len(value.args) == 4 else None
+    return isinstance(replacement, functools.partial) and replacement.func is drop_inputs
+
+
+def generation_inputs_to_drop(model: nn.Module) -> Optional[functools.partial]:
+    """The replacement for ``model.prepare_inputs_for_generation`` that ``generate()`` needs (a picklable
+    partial of :func:`drop_inputs`), or ``None`` when its ``forward`` takes every input or it has one already."""
     names = unaccepted_generation_inputs(model)
-    if current is None or not names or isinstance(current, InputsDroppedForForward):
+    if not names or not hasattr(model, PREPARE) or _drops_inputs(vars(model).get(PREPARE)):
         return None
-    return InputsDroppedForForward(current, names)
+    return functools.partial(drop_inputs, names)
 
 
 def make_generate_compatible(model: nn.Module) -> nn.Module:
@@ -74,7 +68,9 @@ def make_generate_compatible(model: nn.Module) -> nn.Module:
     that); this function is for unpatched models (e.g. an evaluation with no method) and its change
     stays on the instance. Returns the same model.
     """
-    wrapper = generation_inputs_wrapper(model)
-    if wrapper is not None:
-        setattr(model, PREPARE, wrapper)
+    from hallupatch.engine import method_wrapper
+
+    drop = generation_inputs_to_drop(model)
+    if drop is not None:
+        setattr(model, PREPARE, method_wrapper(model, PREPARE, drop))
     return model

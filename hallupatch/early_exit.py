@@ -6,6 +6,7 @@ the last layer's output *after* the final norm. "After 0-based decoder layer ``l
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence, Union
 
 import torch
@@ -51,9 +52,47 @@ def early_exit_logits(
     """
     parts = parts_of(model)
     n = parts.num_layers
-    if not -(n + 1) <= layer <= n:
-        raise ValueError(f"layer must be a hidden-state index in [0, {n}] (or negative from the end); got {layer}")
-    layer = layer % (n + 1)
-    hidden = hidden_states[layer] if isinstance(hidden_states, (tuple, list)) else hidden_states
+    usage = f"layer must be an int hidden-state index in [0, {n}] (or negative from the end)"
+    try:
+        index = operator.index(layer)  # ints, numpy ints, integer scalar tensors; not floats or strings
+    except TypeError:
+        raise TypeError(f"{usage}; got {layer!r} of type {type(layer).__name__}") from None
+    if isinstance(layer, bool):
+        raise TypeError(f"{usage}; got {layer!r}")
+    if not -(n + 1) <= index <= n:
+        raise ValueError(f"{usage}; got {index}")
+    layer = index % (n + 1)
+    hidden = _hidden_state_at(hidden_states, layer, n)
+    expected = parts.lm_head.weight.shape[-1] if hasattr(parts.lm_head, "weight") else None
+    if expected is not None and (hidden.dim() == 0 or hidden.shape[-1] != expected):
+        raise ValueError(
+            f"hidden_states must end in the model's hidden size {expected} (..., {expected}); got shape "
+            f"{tuple(hidden.shape)}"
+        )
     already_normed = layer == n and parts.spec.final_hidden_normed
     return head_logits(parts, hidden, norm=norm and not already_normed)
+
+
+def _hidden_state_at(hidden_states, layer: int, num_layers: int) -> torch.Tensor:
+    """Hidden-state index ``layer`` of ``hidden_states`` (one tensor, or forward's per-layer tuple)."""
+    if isinstance(hidden_states, torch.Tensor):
+        return hidden_states
+    if not isinstance(hidden_states, (tuple, list)):
+        raise TypeError(
+            "hidden_states must be a torch.Tensor (..., hidden) or the tuple of output_hidden_states=True; got "
+            f"{type(hidden_states).__name__}" + (" (convert it with torch.from_numpy)" if hasattr(hidden_states, "__array__") else "")
+        )
+    if hidden_states and isinstance(hidden_states[0], (tuple, list)):
+        raise TypeError(
+            f"hidden_states is nested ({len(hidden_states)} tuples): generate() returns one hidden-state tuple per "
+            "generated step; pass one step's tuple, e.g. out.hidden_states[step]"
+        )
+    if len(hidden_states) != num_layers + 1:
+        raise ValueError(
+            f"hidden_states has {len(hidden_states)} entries; this model's output_hidden_states tuple has "
+            f"{num_layers + 1} (embeddings + {num_layers} layers)"
+        )
+    hidden = hidden_states[layer]
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden_states[{layer}] must be a torch.Tensor; got {type(hidden).__name__}")
+    return hidden

@@ -2,18 +2,29 @@
 
 One :class:`Patch` exists per patched model (stored as ``model._hallupatch``). It records every hook
 handle and every replaced instance attribute so :meth:`Patch.undo` restores the exact original model.
-Methods (``hallupatch.methods``) install their behaviour through :meth:`Patch.hook`, :meth:`Patch.wrap`
-and :meth:`Patch.on_pass_start`; they read the per-pass state from :attr:`Patch.state`.
+Methods (``hallupatch.methods``) install their behaviour through :meth:`Patch.hook`,
+:meth:`Patch.wrap_method`, :meth:`Patch.on_pass_start` and :meth:`Patch.on_generate`; they read the
+per-pass state from :attr:`Patch.state`.
+
+Lifetimes: what the visual module captured (:class:`PendingInputs`) lives for one top-level call of the
+model (its ``forward`` or its ``generate``): a call that fails, or a projector run outside any call, leaves
+nothing behind for the next one. Every hook is a bound method (or a ``functools.partial`` of one) of an
+object reachable from the Patch, so ``copy.deepcopy`` and ``pickle`` of a patched model give an
+independent, patched model.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from hallupatch.compat import PREPARE, generation_inputs_wrapper
+from hallupatch.compat import PREPARE, generation_inputs_to_drop
 from hallupatch.spec import ModelParts, PassInfo, bind_call
 
 PATCH_ATTRIBUTE = "_hallupatch"
@@ -21,9 +32,14 @@ PATCH_ATTRIBUTE = "_hallupatch"
 
 @dataclass
 class PassState:
-    """The forward pass in flight (its ``info`` is set at every pass start)."""
+    """The forward pass in flight (set at every pass start).
+
+    ``memory_rows[r]``: the index into :attr:`GenerationState.visual_memory` that row ``r`` of this pass
+    uses, or ``None`` (no visual memory for that row).
+    """
 
     info: Optional[PassInfo] = None
+    memory_rows: List[Optional[int]] = field(default_factory=list)
 
     def last_positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """Index of each sample's last real (non-padding) position in this pass."""
@@ -44,10 +60,21 @@ class GenerationState:
 
 @dataclass
 class PendingInputs:
-    """What the model's call and its visual module handed over for the pass about to start."""
+    """What the model's call and its visual module handed over for the pass about to start; discarded at
+    that pass's start and when the top-level call ends, normally or not."""
 
     images: List[torch.Tensor] = field(default_factory=list)   # visual tokens captured, one tensor per call
     input_ids: Optional[torch.Tensor] = None                    # the newest input_ids of the top-level model
+
+
+@dataclass
+class CallState:
+    """The top-level call in flight (``model(...)`` or ``model.generate(...)``, nested calls included)."""
+
+    depth: int = 0        # 0 = no call in flight
+    # how many rows generate() made of each row it was given (beams, num_return_sequences, contrastive
+    # search's candidates: transformers' _expand_inputs_for_generation, rows repeated in place)
+    row_repeat: int = 1
 
 
 class Patch:
@@ -61,32 +88,52 @@ class Patch:
         self.state = PassState()              # per pass
         self.generation = GenerationState()   # per sequence (prefill to prefill)
         self.pending = PendingInputs()        # handed over for the next pass
+        self.call = CallState()               # the top-level call in flight
         # per patch: visual tokens given with set_visual_memory (user data, kept across re-apply)
         self.explicit_memory: Optional[List[Optional[torch.Tensor]]] = None
         self._handles: list = []
         self._wrapped: list = []
         self._pass_callbacks: List[Callable[[PassInfo], None]] = []
+        self._generate_callbacks: List[Callable[[Dict[str, Any]], None]] = []
+        # modules that transformers' gradient_checkpointing_enable() switches (hooks are not recompute-safe)
+        self._checkpointable = checkpointing_modules(model)
         self._install_engine_hooks()
 
     # -- primitives used by methods -------------------------------------------------------------
-    def hook(self, module: nn.Module, fn: Callable, *, pre: bool = False, with_kwargs: bool = False):
-        """Register a forward (pre-)hook on this module instance, removed again by :meth:`undo`."""
+    def hook(self, module: nn.Module, fn: Callable, *, pre: bool = False, with_kwargs: bool = False,
+             always_call: bool = False):
+        """Register a forward (pre-)hook on this module instance, removed again by :meth:`undo`.
+
+        ``fn`` must be a bound method (or a ``functools.partial`` of one), never a closure or lambda, so
+        that the patched model stays deep-copyable and picklable. ``always_call``: also run the (post)
+        hook when the forward raises (then ``output`` is ``None``).
+        """
         if pre:
             handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
         else:
-            handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+            handle = module.register_forward_hook(fn, with_kwargs=with_kwargs, always_call=always_call)
         self._handles.append(handle)
         return handle
 
     def wrap(self, obj: Any, attr: str, new_value: Any) -> None:
-        """Set an instance attribute (e.g. a bound method replacement), restored by :meth:`undo`."""
+        """Set an instance attribute, restored by :meth:`undo`."""
         had_own = attr in vars(obj)
         self._wrapped.append((obj, attr, had_own, vars(obj).get(attr)))
         setattr(obj, attr, new_value)
 
+    def wrap_method(self, obj: Any, name: str, replacement: Callable) -> None:
+        """Replace ``obj.name`` on the instance by ``replacement(original, *args, **kwargs)``, where
+        ``original`` is the method it replaces (found at call time, so copies and unpickled models call
+        their own), restored by :meth:`undo`."""
+        self.wrap(obj, name, method_wrapper(obj, name, replacement))
+
     def on_pass_start(self, callback: Callable[[PassInfo], None]) -> None:
         """Call ``callback(info)`` at the start of every decoder-stack forward, after the engine's update."""
         self._pass_callbacks.append(callback)
+
+    def on_generate(self, callback: Callable[[Dict[str, Any]], None]) -> None:
+        """Call ``callback(kwargs)`` (``generate()``'s keyword arguments) when ``model.generate`` starts."""
+        self._generate_callbacks.append(callback)
 
     def undo(self) -> None:
         for handle in reversed(self._handles):
@@ -99,48 +146,107 @@ class Patch:
         self._handles.clear()
         self._wrapped.clear()
         self._pass_callbacks.clear()
+        self._generate_callbacks.clear()
 
     # -- engine hooks ---------------------------------------------------------------------------
     def _install_engine_hooks(self) -> None:
-        # generate() must work on a patched model even where the model's forward predates an input that
-        # transformers' generation passes (the original LLaVA's forward and cache_position): hallupatch.compat
-        generation_inputs = generation_inputs_wrapper(self.model)
-        if generation_inputs is not None:
-            self.wrap(self.model, PREPARE, generation_inputs)
-        self.hook(self.model, self._remember_input_ids, pre=True, with_kwargs=True)
-        if self.parts.visual is not None:
+        self.hook(self.model, self._model_call_starts, pre=True, with_kwargs=True)
+        self.hook(self.model, self._model_call_ends, always_call=True)
+        self.wrap_method(self.model, "generate", self._generate)
+        self.wrap_method(self.model, "_expand_inputs_for_generation", self._expand_inputs)
+        # generate() must work even where the model's forward predates an input that transformers'
+        # generation passes (the original LLaVA's forward and cache_position): see hallupatch.compat
+        drop = generation_inputs_to_drop(self.model)
+        if drop is not None:
+            self.wrap_method(self.model, PREPARE, drop)
+        merge = self.parts.spec.visual_merge_method
+        if merge is not None:
+            self.wrap_method(self.model, merge, self._capture_merged_visual_tokens)
+        elif self.parts.visual is not None:
             self.hook(self.parts.visual, self._capture_visual_tokens)
         self.hook(self.parts.pass_start, self._start_pass, pre=True, with_kwargs=True)
 
-    def _remember_input_ids(self, module, args, kwargs):
+    def _enter_call(self) -> None:
+        if self.call.depth == 0:
+            refuse_gradient_checkpointing(self._checkpointable)
+            self.pending = PendingInputs()   # nothing captured outside a call reaches this one
+            self.call.row_repeat = 1
+        self.call.depth += 1
+
+    def _leave_call(self) -> None:
+        self.call.depth = max(self.call.depth - 1, 0)
+        if self.call.depth == 0:
+            self.pending = PendingInputs()   # a call that failed before its pass leaves nothing behind
+
+    def _model_call_starts(self, module, args, kwargs):
+        self._enter_call()
         ids = bind_call(module, args, kwargs).get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             self.pending.input_ids = ids
 
+    def _model_call_ends(self, module, args, output):
+        self._leave_call()   # also when forward raised (always_call)
+
+    def _generate(self, original: Callable, *args, **kwargs):
+        self._enter_call()
+        try:
+            for callback in self._generate_callbacks:
+                callback(kwargs)
+            return original(*args, **kwargs)
+        finally:
+            self._leave_call()
+
+    def _expand_inputs(self, original: Callable, *args, **kwargs):
+        self.call.row_repeat *= int(kwargs.get("expand_size", args[0] if args else 1))
+        return original(*args, **kwargs)
+
     def _capture_visual_tokens(self, module, args, output):
+        if self.call.depth == 0:
+            return  # a projector run by hand (e.g. to extract features) is not an image of any pass
         tokens = self.parts.spec.visual_output(output)
         self.pending.images.append(tokens.detach())
 
+    def _capture_merged_visual_tokens(self, merge: Callable, image_features: torch.Tensor, *args, **kwargs):
+        """Stands in for the model's merge method (``FamilySpec.visual_merge_method``): its first argument is
+        the visual tokens as merged into the sequence."""
+        if self.call.depth > 0:  # as _capture_visual_tokens: only images of a call of the model count
+            self.pending.images.append(self.parts.spec.visual_output(image_features).detach())
+        return merge(image_features, *args, **kwargs)
+
     def _start_pass(self, module, args, kwargs):
         info = self.parts.spec.pass_info(module, args, kwargs)
-        self.state.info = info
         if info.is_prefill:
             self.generation = GenerationState(passes=0, visual_memory=self._memory_for_prefill(info.batch_size))
         else:
             self.generation.passes += 1
+        self.state.info = info
+        self.state.memory_rows = self._memory_rows(info.batch_size)
         self.pending = PendingInputs()
         for callback in self._pass_callbacks:
             callback(info)
 
+    def _memory_rows(self, batch_size: int) -> List[Optional[int]]:
+        """Which visual-memory entry each row of a pass uses: row ``r`` of a batch that generate() widened
+        ``k``-fold (rows repeated in place) is entry ``r // k``."""
+        memory = self.generation.visual_memory
+        if memory is None:
+            return [None] * batch_size
+        if batch_size == len(memory):
+            repeat = 1
+        elif batch_size == len(memory) * self.call.row_repeat:
+            repeat = self.call.row_repeat
+        else:
+            raise ValueError(
+                f"the visual memory has {len(memory)} samples but this forward pass has {batch_size} rows; "
+                "call hallupatch.set_visual_memory(model, tokens) with one entry per sample"
+                + (f" (generate() repeats each sample {self.call.row_repeat} times)" if self.call.row_repeat > 1 else "")
+            )
+        return [r // repeat if memory[r // repeat] is not None else None for r in range(batch_size)]
+
     def _memory_for_prefill(self, batch_size: int) -> Optional[List[Optional[torch.Tensor]]]:
         """The visual memory of a new sequence: explicit tokens if set, else this prefill's images."""
         if self.explicit_memory is not None:
-            if len(self.explicit_memory) != batch_size:
-                raise ValueError(
-                    f"set_visual_memory was given {len(self.explicit_memory)} samples but the batch has "
-                    f"{batch_size}; call hallupatch.set_visual_memory(model, tokens) with one entry per sample."
-                )
-            return self.explicit_memory
+            return self.explicit_memory   # matched to the pass's rows by _memory_rows
         if not self.pending.images:
             return None  # an image-less prefill clears the memory of any previous image
         images = [img for batch in self.pending.images for img in batch]  # each (tokens, hidden)
@@ -156,8 +262,10 @@ class Patch:
         token = self.parts.spec.image_token_id(self.model)
         ids = self.pending.input_ids
         if token is not None and ids is not None and ids.shape[0] == batch_size:
-            counts = (ids == token).sum(dim=1).tolist()
-            if sum(counts) == num_images:
+            per_image = self.parts.spec.tokens_per_image(self.model)
+            occurrences = (ids == token).sum(dim=1)
+            counts = (occurrences // per_image).tolist()
+            if sum(counts) == num_images and bool((occurrences % per_image == 0).all()):
                 return counts
         if num_images == batch_size:
             return [1] * batch_size
@@ -167,6 +275,71 @@ class Patch:
             f"hallupatch could not tell which of the {num_images} images belong to which of the {batch_size} "
             "samples; pass one image per sample, or mark each image with the model's image token."
         )
+
+
+def checkpointing_modules(model: nn.Module) -> List[nn.Module]:
+    """The modules that transformers' ``gradient_checkpointing_enable()`` switches on."""
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+
+def refuse_gradient_checkpointing(modules: Sequence[nn.Module]) -> None:
+    """``ValueError`` when a forward would be recomputed for backward: hallupatch's hooks keep per-pass
+    state, so they are not recompute-safe (the checkpoint would see other tensors the second time)."""
+    if any(m.training and m.gradient_checkpointing for m in modules):
+        raise ValueError(
+            "hallupatch does not run with gradient checkpointing in training mode (a recomputed layer would "
+            "see other per-pass state); call model.eval() or model.gradient_checkpointing_disable() first, "
+            "or hallupatch.remove(model) before training"
+        )
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called by this function's caller that points at the first frame
+    outside hallupatch, transformers and torch (the user's ``generate()`` call)."""
+    import contextlib
+
+    import transformers
+
+    import hallupatch
+
+    folders = tuple(os.path.dirname(m.__file__) + os.sep for m in (hallupatch, transformers, torch))
+    files = (contextlib.__file__, functools.__file__)
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename.startswith(folders) or frame.f_code.co_filename in files):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class MethodWrapper(functools.partial):
+    """What :meth:`Patch.wrap_method` puts on an instance: ``_call_wrapped(obj, name, own, replacement, ...)``.
+    A partial, so copies and pickles of the model carry it; it shows the original method's signature,
+    found when asked (generation reads the signature of ``prepare_inputs_for_generation``)."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        obj, name, own, _ = self.args
+        return inspect.signature(_original(obj, name, own))
+
+
+def method_wrapper(obj: Any, name: str, replacement: Callable) -> MethodWrapper:
+    """``obj.name`` as ``replacement(original, *args, **kwargs)``, the original found at call time."""
+    wrapper = MethodWrapper(_call_wrapped, obj, name, vars(obj).get(name), replacement)
+    wrapper.__doc__ = getattr(obj, name).__doc__
+    return wrapper
+
+
+def _original(obj: Any, name: str, own: Optional[Callable]) -> Callable:
+    """The method a wrapper replaced: the instance's own attribute, else the class's bound to ``obj``
+    (staticmethods stay unbound)."""
+    if own is not None:
+        return own
+    owner = next(klass for klass in type(obj).__mro__ if name in vars(klass))
+    return vars(owner)[name].__get__(obj, type(obj))
+
+
+def _call_wrapped(obj: Any, name: str, own: Optional[Callable], replacement: Callable, *args, **kwargs):
+    """The body of :meth:`Patch.wrap_method`'s wrappers: ``replacement(original, *args, **kwargs)``."""
+    return replacement(_original(obj, name, own), *args, **kwargs)
 
 
 def get_patch(model: nn.Module) -> Optional[Patch]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from importlib.resources import files
@@ -51,9 +52,15 @@ def detect_family(checkpoint: Union[str, Path]) -> str:
     if not config_path.is_file():
         raise InstallError(f"{config_path} does not exist: CHECKPOINT_DIR must be a Hugging Face checkpoint folder")
     try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except json.JSONDecodeError as error:
-        raise InstallError(f"{config_path} is not valid JSON ({error})") from error
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InstallError(f"{config_path} is not valid UTF-8 JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise InstallError(
+            f"{config_path} holds a JSON {type(config).__name__}, not an object: a Hugging Face config.json is "
+            'an object like {"model_type": "qwen", ...}'
+        )
+    model_type = config.get("model_type")
     if model_type not in MODELING_FILES:
         raise InstallError(
             f"{config_path} has model_type {model_type!r}; the installer supports Qwen-VL-Chat (model_type 'qwen') "
@@ -121,6 +128,7 @@ def install(checkpoint: Union[str, Path], block: Optional[Dict[str, Any]] = None
         raise InstallError(f"{target} does not exist: the folder is not a trust_remote_code {family} checkpoint")
     block = memvr_block() if block is None else block
     check_block(block, family)
+    require_writable(checkpoint, [target, checkpoint / "config.json"])
     backup = target.with_name(target.name + BACKUP_SUFFIX)
     if not backup.exists():
         shutil.copy2(target, backup)
@@ -135,10 +143,22 @@ def install(checkpoint: Union[str, Path], block: Optional[Dict[str, Any]] = None
     return target
 
 
+def require_writable(checkpoint: Path, files_to_replace: List[Path]) -> None:
+    """Refuse (before changing anything) a checkpoint folder or file that this user cannot write."""
+    for path in [checkpoint, *files_to_replace]:
+        if not os.access(path, os.W_OK):
+            raise InstallError(
+                f"{path} is read-only: the installer writes the modeling file, config.json and their "
+                f"{BACKUP_SUFFIX} backups into the checkpoint folder; copy the checkpoint to a writable folder first"
+            )
+
+
 def restore(checkpoint: Union[str, Path]) -> List[Path]:
     """Put back the modeling file and ``config.json`` saved by :func:`install`; returns the restored files."""
     checkpoint = Path(checkpoint)
     family = detect_family(checkpoint)
+    originals = (checkpoint / MODELING_FILES[family], checkpoint / "config.json")
+    require_writable(checkpoint, [path for path in originals if path.exists()])
     restored = []
     for original in (checkpoint / MODELING_FILES[family], checkpoint / "config.json"):
         backup = original.with_name(original.name + BACKUP_SUFFIX)
@@ -175,6 +195,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"restored {path}")
     except (InstallError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a folder that turned read-only or a full disk while writing
+        print(f"error: could not write into {args.checkpoint}: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -74,6 +74,21 @@ def hf_pass_info(module: nn.Module, args: tuple, kwargs: dict) -> PassInfo:
     )
 
 
+def one_token_per_image(model: nn.Module) -> int:
+    """The default of :attr:`FamilySpec.tokens_per_image`: one placeholder token marks one image."""
+    return 1
+
+
+def no_image_token(model: nn.Module) -> Optional[int]:
+    """The default ``FamilySpec.image_token_id``: the family marks no image in ``input_ids``."""
+    return None
+
+
+def visual_output_as_is(output: Any) -> torch.Tensor:
+    """The default ``FamilySpec.visual_output``: the visual module returns ``(num_images, tokens, hidden)``."""
+    return output
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """Declarative description of one model family.
@@ -84,7 +99,9 @@ class FamilySpec:
     one decoder layer.
 
     Detection is structural: a model belongs to the family when ``layers_paths`` resolves to a
-    ``ModuleList`` whose layers all have every path of ``layer_signature``.
+    ``ModuleList`` whose layers all have every path of ``layer_signature`` and the model has every path
+    of ``model_signature``. Families are tried in registration order, so a family whose signature is
+    a refinement of another's (LLaVA-NeXT of llama) is registered first.
     """
 
     name: str
@@ -101,10 +118,23 @@ class FamilySpec:
     layer_ffn_out: str                    # its output projection weight (W_out of DESIGN 4b)
     adapter_activation: str               # MemVR's default adapter activation for the family
     pass_info: Callable[[nn.Module, tuple, dict], PassInfo] = hf_pass_info
-    # token id that marks one image in input_ids (one occurrence per image), read from the model
-    image_token_id: Callable[[nn.Module], Optional[int]] = lambda model: None
+    # the architecture class names this spec is tested on (``hallupatch.supported()``, error messages);
+    # documentation only: detection stays structural
+    architectures: Tuple[str, ...] = ()
+    # paths that must exist on the top-level model for it to belong to the family (besides the layers)
+    model_signature: Tuple[str, ...] = ()
+    # a method of the top-level model whose first argument is the visual tokens exactly as they are merged
+    # into the sequence, (num_images, tokens, hidden); when set, the visual tokens are captured there
+    # instead of at the output of the visual module (LLaVA-NeXT assembles tiles and image-newline rows
+    # after its projector)
+    visual_merge_method: Optional[str] = None
+    # token id that marks one image in input_ids (one occurrence per image), read from the model. Callables
+    # here are module-level functions, never lambdas, so that a patched model can be pickled.
+    image_token_id: Callable[[nn.Module], Optional[int]] = no_image_token
+    # how many times image_token_id occurs in input_ids per image (Idefics2 writes one per visual token)
+    tokens_per_image: Callable[[nn.Module], int] = one_token_per_image
     # turns the visual module's output into a (num_images, tokens, hidden) tensor
-    visual_output: Callable[[Any], torch.Tensor] = lambda output: output
+    visual_output: Callable[[Any], torch.Tensor] = visual_output_as_is
     # whether the last entry of the model's output_hidden_states has the final norm applied (transformers
     # models: yes; GLM-4V's own code returns the last layer's raw output there)
     final_hidden_normed: bool = True
@@ -188,9 +218,16 @@ def registered_families() -> List[FamilySpec]:
     return list(_REGISTRY)
 
 
+def supported() -> List[str]:
+    """The architecture class names hallupatch supports, in detection order (``hallupatch.supported()``)."""
+    return [name for spec in registered_families() for name in spec.architectures]
+
+
 def matches(spec: FamilySpec, model: nn.Module) -> bool:
     layers = first_path(model, spec.layers_paths)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return False
+    if any(get_path(model, p, None) is None for p in spec.model_signature):
         return False
     return all(get_path(layer, p, None) is not None for layer in layers for p in spec.layer_signature)
 
@@ -198,7 +235,7 @@ def matches(spec: FamilySpec, model: nn.Module) -> bool:
 def resolve(model: nn.Module) -> ModelParts:
     """Find the family of ``model`` by structure and return its parts.
 
-    Raises ``TypeError`` naming the supported families when none matches.
+    Raises ``TypeError`` naming the supported architectures and families when none matches.
     """
     families = registered_families()
     for spec in families:
@@ -216,6 +253,7 @@ def resolve(model: nn.Module) -> ModelParts:
         return ModelParts(spec=spec, model=model, visual=first_path(model, spec.visual_paths), **parts)
     names = ", ".join(s.name for s in families)
     raise TypeError(
-        f"hallupatch does not support {type(model).__name__}: supported families are {names} "
-        "(LLaVA-1.5 / LlamaForCausalLM, Qwen-VL-Chat QWenLMHeadModel, GLM-4V-9b ChatGLMForConditionalGeneration)."
+        f"hallupatch does not support {type(model).__name__}: supported architectures are "
+        f"{', '.join(supported())} (supported families are {names}; a subclass or any model with the same "
+        "module structure works too). See hallupatch.supported()."
     )

@@ -30,9 +30,15 @@ def glm_pass_info(encoder, args, kwargs) -> PassInfo:
                     batch_size=hidden.shape[0])
 
 
+def glm_image_token_id(model) -> int:
+    """``<boi>``, once per image."""
+    return model.config.boi_token_id
+
+
 CHATGLM = register_family(
     FamilySpec(
         name="chatglm",
+        architectures=("ChatGLMForConditionalGeneration",),
         pass_start_paths=("transformer.encoder",),
         layers_paths=("transformer.encoder.layers",),
         final_norm_paths=("transformer.encoder.final_layernorm",),
@@ -46,7 +52,7 @@ CHATGLM = register_family(
         adapter_activation="silu",
         pass_info=glm_pass_info,
         final_hidden_normed=False,
-        image_token_id=lambda model: model.config.boi_token_id,   # <boi>, once per image
+        image_token_id=glm_image_token_id,
         method_defaults={
             "memvr": {"starting_layer": 9, "ending_layer": 16, "retracing_ratio": 0.28, "entropy_threshold": 0.75}
         },

@@ -1,5 +1,7 @@
-"""LLaMA family: ``LlamaForCausalLM``, transformers' ``LlavaForConditionalGeneration`` (llava-hf
-checkpoints) and the original LLaVA repository's ``LlavaLlamaForCausalLM`` (``model.mm_projector``)."""
+"""LLaMA family: ``LlamaForCausalLM`` and the decoders with the same layer structure (Mistral, Qwen2,
+Gemma), transformers' ``LlavaForConditionalGeneration`` (llava-hf checkpoints) and
+``VipLlavaForConditionalGeneration`` (their ``multi_modal_projector`` output is merged as is), and the
+original LLaVA repository's ``LlavaLlamaForCausalLM`` (``model.mm_projector``)."""
 from hallupatch.spec import FamilySpec, register_family
 
 # The original LLaVA repository marks an image in input_ids with this id.
@@ -18,6 +20,8 @@ def _image_token_id(model):
 LLAMA = register_family(
     FamilySpec(
         name="llama",
+        architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM",
+                       "LlavaForConditionalGeneration", "VipLlavaForConditionalGeneration", "LlavaLlamaForCausalLM"),
         pass_start_paths=("model", "language_model.model"),
         layers_paths=("model.layers", "language_model.model.layers"),
         final_norm_paths=("model.norm", "language_model.model.norm"),

@@ -14,9 +14,15 @@ def qwen_pass_info(block, args, kwargs) -> PassInfo:
     return PassInfo(real_positions=real, is_prefill=call.get("layer_past") is None, batch_size=hidden.shape[0])
 
 
+def qwen_image_token_id(model) -> int:
+    """``<img>``, once per image."""
+    return model.config.visual["image_start_id"]
+
+
 QWEN = register_family(
     FamilySpec(
         name="qwen",
+        architectures=("QWenLMHeadModel",),
         pass_start_paths=("transformer.h.0",),
         layers_paths=("transformer.h",),
         final_norm_paths=("transformer.ln_f",),
@@ -28,7 +34,7 @@ QWEN = register_family(
         layer_ffn_out="mlp.c_proj.weight",
         adapter_activation="silu",
         pass_info=qwen_pass_info,
-        image_token_id=lambda model: model.config.visual["image_start_id"],   # <img>, once per image
+        image_token_id=qwen_image_token_id,
         method_defaults={
             "memvr": {"starting_layer": 9, "ending_layer": 16, "retracing_ratio": 0.28, "entropy_threshold": 0.75}
         },

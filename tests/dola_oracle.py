@@ -32,6 +32,27 @@ def build_model(tie: bool):
     return model.eval()
 
 
+def float64_step(final_logits, premature_hidden, head_weight):
+    """DESIGN 4c in float64 for one sample and step, from ``generate()``'s outputs: ``final_logits`` (vocab,)
+    (``output_logits``), ``premature_hidden`` (candidates, hidden) (each candidate's ``output_hidden_states``
+    entry at the last position), ``head_weight`` (vocab, hidden) the LM head. Returns (divergences, index of
+    the chosen candidate, expected contrasted scores with ``-inf`` outside the relative-top set)."""
+    import math
+
+    log_f = torch.log_softmax(final_logits.double(), -1)
+    divergences, log_gs = [], []
+    for hidden in premature_hidden:
+        log_g = torch.log_softmax(hidden.double() @ head_weight.double().T, -1)
+        mix = (log_f.exp() + log_g.exp()) / 2
+        # torch's kl_div(input=log p, target=M, reduction="none") is M (log M - log p), averaged over the vocabulary
+        divergences.append(0.5 * float((mix * (mix.log() - log_f)).mean() + (mix * (mix.log() - log_g)).mean()))
+        log_gs.append(log_g)
+    best = max(range(len(divergences)), key=lambda i: divergences[i])
+    keep = log_f >= log_f.max() + math.log(0.1)
+    expected = torch.where(keep, log_f - log_gs[best], torch.full_like(log_f, -math.inf))
+    return divergences, best, expected
+
+
 def generate_kwargs(sample: bool) -> dict:
     kwargs = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, repetition_penalty=1.2, do_sample=sample,
                   return_dict_in_generate=True, output_scores=True)

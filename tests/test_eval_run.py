@@ -161,11 +161,26 @@ def test_family_detection_and_original_llava_message(tmp_path, checkpoint):
     (tmp_path / "original" / "config.json").write_text(
         json.dumps({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"]}))
     assert models.detect_recipe(str(tmp_path / "original")) == "llava"
-    (tmp_path / "next").mkdir()
-    (tmp_path / "next" / "config.json").write_text(
-        json.dumps({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}))
+    # LLaVA-NeXT's recipe follows its language model; llava-v1.6-34b (Yi vocabulary, ChatML) has none here
+    for name, text_config, recipe in [("next-vicuna", {"model_type": "llama", "vocab_size": 32064}, "llava-next-vicuna"),
+                                      ("next-mistral", {"model_type": "mistral", "vocab_size": 32064}, "llava-next-mistral"),
+                                      ("next-yi", {"model_type": "llama", "vocab_size": 64000}, None)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"], "text_config": text_config}))
+        if recipe is None:
+            with pytest.raises(ValueError, match="llava-v1.6-34b uses ChatML"):
+                models.detect_recipe(str(tmp_path / name))
+        else:
+            assert models.detect_recipe(str(tmp_path / name)) == recipe
+    for model_type, recipe in [("vipllava", "vipllava"), ("idefics2", "idefics2")]:
+        (tmp_path / model_type).mkdir()
+        (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+        assert models.detect_recipe(str(tmp_path / model_type)) == recipe
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="cannot tell the model family"):
-        models.detect_recipe(str(tmp_path / "next"))
+        models.detect_recipe(str(tmp_path / "gpt2"))
     try:
         import llava  # noqa: F401
     except ImportError:

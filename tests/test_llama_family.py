@@ -134,12 +134,16 @@ def test_early_exit_logits_is_the_logit_lens(llava):
         hallupatch.early_exit_logits(model, out.hidden_states, n + 1)
 
 
-def test_unsupported_model_names_the_supported_families():
+def test_unsupported_model_names_every_supported_architecture():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     for model in (gpt2, nn.Linear(3, 3)):
-        with pytest.raises(TypeError, match="supported families are llama") as err:
+        with pytest.raises(TypeError, match="does not support (GPT2LMHeadModel|Linear): supported architectures") as err:
             hallupatch.apply(model)
-        assert "Qwen-VL-Chat" in str(err.value) and "GLM-4V" in str(err.value)
+        for architecture in hallupatch.supported():
+            assert architecture in str(err.value)
+        assert "hallupatch.supported()" in str(err.value)
+    assert {"LlamaForCausalLM", "LlavaNextForConditionalGeneration", "QWenLMHeadModel",
+            "ChatGLMForConditionalGeneration"} <= set(hallupatch.supported())
 
 
 @pytest.mark.parametrize(

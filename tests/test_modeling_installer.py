@@ -99,3 +99,52 @@ def test_config_block_without_hallupatch_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "hallupatch.modeling", None)   # as if hallupatch were not installed
     with pytest.raises(ImportError, match="install it .* or remove the block"):
         load(path)
+
+
+def test_config_json_that_is_not_an_object_is_one_error_line(tmp_path, capsys):
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "config.json").write_text(json.dumps([{"model_type": "qwen"}]))
+    assert modeling.main(["install", str(listed)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "holds a JSON list, not an object" in err
+    (listed / "config.json").write_bytes(b'{"model_type": "qwen\xff"}')
+    assert modeling.main(["restore", str(listed)]) == 2
+    assert "is not valid UTF-8 JSON" in capsys.readouterr().err
+
+
+def test_read_only_checkpoint_is_refused_before_anything_changes(tmp_path, capsys, monkeypatch):
+    path, target = checkpoint_with_original(tmp_path, "qwen")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    real_access = os.access
+    # a read-only folder (as a non-root user sees it; root may write anywhere, so the check is simulated)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path else real_access(p, mode))
+    assert modeling.main(["install", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {path} is read-only" in err and "writable folder" in err
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert modeling.main(["restore", str(path)]) == 2
+    assert "is read-only" in capsys.readouterr().err
+
+
+def test_write_failure_while_installing_is_one_error_line(tmp_path, capsys, monkeypatch):
+    path, _ = checkpoint_with_original(tmp_path, "chatglm")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path / "modeling_chatglm.py.orig"))
+
+    monkeypatch.setattr(modeling.shutil, "copy2", refuse)
+    assert modeling.main(["install", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: could not write into {path}: ") and "Permission denied" in err
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="file modes do not stop root")
+def test_read_only_checkpoint_by_file_mode(tmp_path, capsys):
+    path, _ = checkpoint_with_original(tmp_path, "qwen")
+    path.chmod(0o555)
+    try:
+        assert modeling.main(["install", str(path)]) == 2
+        assert "is read-only" in capsys.readouterr().err
+    finally:
+        path.chmod(0o755)

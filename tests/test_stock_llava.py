@@ -139,13 +139,19 @@ def test_make_generate_compatible_for_unpatched_models(checkpoint):
     _assert_same(_generate(stock), _generate(edited))
 
 
-def test_the_wrapper_follows_a_deep_copy(checkpoint):
+def test_the_wrapper_follows_a_deep_copy_and_pickles(checkpoint):
     stock = hallupatch.make_generate_compatible(_load(StockLlavaLlamaForCausalLM, checkpoint))
     twin = copy.deepcopy(stock)
-    assert vars(twin)[PREPARE].prepare.__self__ is twin
+    assert vars(twin)[PREPARE].args[0] is twin           # the wrapper calls the copy's own method
     with torch.no_grad():
         twin.lm_head.weight.add_(1.0)           # the copy's weights, not the original's, decide its output
     assert not torch.equal(_generate(twin).logits[0], _generate(stock).logits[0])
+    import pickle
+
+    patched = hallupatch.apply(_load(StockLlavaLlamaForCausalLM, checkpoint), "memvr", entropy_threshold=0.0, **WINDOW)
+    expected = _generate(patched)
+    _assert_same(_generate(pickle.loads(pickle.dumps(patched))), expected)
+    _assert_same(_generate(pickle.loads(pickle.dumps(stock))), _generate(stock))
 
 
 

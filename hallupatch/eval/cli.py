@@ -15,7 +15,7 @@ from hallupatch.eval import harness, models, sample
 from hallupatch.eval.data import DataError
 from hallupatch.eval.decoding import GREEDY, Decoding
 from hallupatch.eval.presets import get_preset, preset_help, with_preset
-from hallupatch.eval.store import StoreError
+from hallupatch.eval.store import StoreError, check_output_folder
 from hallupatch.eval.tasks import Task, get_task, registered_tasks
 
 KNOBS = {  # CLI flag -> (config field, type, help)
@@ -231,6 +231,8 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
+    if args.device is not None:
+        models.resolve_device(args.device)   # refused before any data is read
     task: Task = get_task(args.benchmark)(args)
     methods = parse_methods(args.method)
     embedded = sample.EMBEDDED if args.model is None and backend is None else None
@@ -239,6 +241,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
         tag = f"answers-{Path(args.answers).stem}" if args.answers else f"{model_name}-{args.method}"
         args.output = str(Path("hallupatch_output") / _slug(f"{args.benchmark}-{tag}"))
     out = Path(args.output)
+    check_output_folder(out)
 
     data, data_setting = _data(task, args, out)
     decoding = Decoding(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
@@ -253,6 +256,9 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     knobs = _knobs(args, methods, embedded)
     if embedded:
         backend = embedded.build()
+        if args.device is not None or args.dtype is not None:   # the built-in model is built on the CPU
+            device = args.device or "cpu"
+            backend.model.to(device=device, dtype=models.resolve_dtype(args.dtype, device))
     elif backend is None:
         device = args.device or harness.current_process().device  # several processes on GPUs: one GPU each
         backend = models.load_backend(args.model, args.recipe, device, args.dtype, work_dir=out)
@@ -321,5 +327,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run(argv)
     except (DataError, StoreError, ValueError, TypeError, ImportError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a folder that turned read-only or a full disk while writing results
+        print(f"error: {err.filename or 'a file'}: {err.strerror or err}", file=sys.stderr)
         return 2
     return 0

@@ -55,29 +55,48 @@ class Question:
         return img.convert("RGB")
 
 
+def read_text(path: Union[str, Path]) -> str:
+    """A data file's text; bytes that are not UTF-8 are a :class:`DataError` naming the file and offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}); "
+                        "save it as UTF-8") from None
+
+
+def parse_json(text: str, where: str):
+    """``json.loads(text)``; invalid or absurdly nested JSON is a :class:`DataError` naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): "
+                        f"{text.strip()[:120]!r}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read (thousands of levels); "
+                        "this is not a benchmark file") from None
+
+
 def read_json(path: Union[str, Path]):
     """A JSON file's content; invalid JSON or text is a :class:`DataError` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    return parse_json(read_text(path), str(path))
 
 
 def json_lines(path: Union[str, Path]) -> Iterator[Tuple[str, dict]]:
     """``(where, record)`` for every non-blank line of a JSON-lines file, ``where`` = ``path:line``.
 
-    A line that is not a JSON object is a :class:`DataError` naming the path and line number.
+    A line that is not a JSON object (or not UTF-8) is a :class:`DataError` naming the path and line number.
     """
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}): {line.strip()[:120]!r}") from None
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8 text ({raw.strip()[:60]!r}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            row = parse_json(line, where)
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object; got {line.strip()[:120]!r}")
             yield where, row
@@ -97,9 +116,9 @@ def answer_records(path: Path) -> List[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"answers file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
-        return read_json(path)
+        return parse_json(text, str(path))
     return [row for _, row in json_lines(path)]
 
 

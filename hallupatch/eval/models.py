@@ -1,8 +1,9 @@
 """Model loading and each checkpoint's published evaluation prompt (its *recipe*), behind one small interface.
 
-Vocabulary: a model *family* is the structural spec the patches use (``llama``, ``qwen``, ``chatglm``:
-``hallupatch.spec``); a *recipe* is how the published evaluation of a kind of checkpoint loads and prompts
-it (``llava-hf``, ``llava``, ``qwen-vl``, ``glm-4v``). The recipe-specific parts are data:
+Vocabulary: a model *family* is the structural spec the patches use (``llama``, ``llava_next``, ``idefics2``,
+``qwen``, ``chatglm``: ``hallupatch.spec``); a *recipe* is how the published evaluation of a kind of checkpoint
+loads and prompts it (``llava-hf``, ``llava``, ``llava-next-vicuna``, ``llava-next-mistral``, ``vipllava``,
+``idefics2``, ``qwen-vl``, ``glm-4v``). The recipe-specific parts are data:
 :data:`RECIPES` holds, per recipe, the conversation template, how the benchmark question is rewritten,
 the image preprocessing and the generation length, each with the published source it follows. The
 backends only turn a recipe into model inputs.
@@ -48,6 +49,14 @@ class Recipe:
 
 
 _VICUNA_V1 = VICUNA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"
+# LLaVA's conv_mistral_instruct (llava-v1.6-mistral-7b): no system prompt, one [INST] turn
+_MISTRAL_INSTRUCT = "[INST] <image>\n{question} [/INST]"
+_VIP_LLAVA = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions.###Human: <image>\n{question}###Assistant:"
+)
+# Idefics2's processor chat template for [{"role": "user", "content": [image, text]}] + the generation prompt
+_IDEFICS2_CHAT = "User:<image>{question}<end_of_utterance>\nAssistant:"
 RECIPES: Dict[str, Recipe] = {
     "llava-hf": Recipe(
         "llava-hf", _VICUNA_V1, "short_answer", True, 128,
@@ -68,7 +77,38 @@ RECIPES: Dict[str, Recipe] = {
         "glm-4v", None, "as_is", False, None,
         "GLM-4V-9b README: tokenizer.apply_chat_template([{'role': 'user', 'image': image, 'content': question}])",
     ),
+    "llava-next-vicuna": Recipe(
+        "llava-next-vicuna", _VICUNA_V1, "short_answer", False, 128,
+        "LLaVA-NeXT (llava-v1.6-vicuna): LLaVA's model_vqa_loader.py with --conv-mode vicuna_v1 and the MME "
+        "short-answer prompt, anyres images (image_aspect_ratio 'anyres', no square padding)",
+    ),
+    "llava-next-mistral": Recipe(
+        "llava-next-mistral", _MISTRAL_INSTRUCT, "short_answer", False, 128,
+        "LLaVA-NeXT (llava-v1.6-mistral-7b): LLaVA's conv_mistral_instruct ('[INST] <image>\\n... [/INST]', the "
+        "llava-hf model card's prompt) with the MME short-answer prompt, anyres images",
+    ),
+    "vipllava": Recipe(
+        "vipllava", _VIP_LLAVA, "short_answer", False, 128,
+        "ViP-LLaVA: the llava-hf/vip-llava model card's template ('###Human: <image>\\n...###Assistant:', after "
+        "the official code base) with LLaVA-1.5's MME short-answer prompt",
+    ),
+    "idefics2": Recipe(
+        "idefics2", _IDEFICS2_CHAT, "short_answer", False, 128,
+        "Idefics2: its processor's chat template (User:<image>...<end_of_utterance>\\nAssistant:) with lmms-eval's "
+        "MME post-prompt ('\\nAnswer the question using a single word or phrase.')",
+    ),
 }
+# recipes whose checkpoints load as one transformers class with its AutoProcessor: the class, and whether
+# the processor takes one list of images per prompt (Idefics2) instead of one flat list
+PROCESSOR_MODELS: Dict[str, Tuple[str, bool]] = {
+    "llava-hf": ("LlavaForConditionalGeneration", False),
+    "llava-next-vicuna": ("LlavaNextForConditionalGeneration", False),
+    "llava-next-mistral": ("LlavaNextForConditionalGeneration", False),
+    "vipllava": ("VipLlavaForConditionalGeneration", False),
+    "idefics2": ("Idefics2ForConditionalGeneration", True),
+}
+# llava-v1.6-34b (Nous-Hermes-2-Yi-34B, ChatML) has a llama text config too; its Yi vocabulary tells it apart
+_YI_VOCAB_SIZE = 64000
 
 
 def rewrite_question(question: str, style: str) -> str:
@@ -106,6 +146,12 @@ def detect_recipe(path: str) -> str:
     model_type = str(config.get("model_type", "")).lower()
     architectures = " ".join(config.get("architectures") or [])
     # the architecture first: the original LLaVA-1.5 checkpoints say model_type "llava" too
+    if "LlavaNextForConditionalGeneration" in architectures or model_type == "llava_next":
+        return _llava_next_recipe(path, config.get("text_config") or {})
+    if "VipLlavaForConditionalGeneration" in architectures or model_type == "vipllava":
+        return "vipllava"
+    if "Idefics2ForConditionalGeneration" in architectures or model_type == "idefics2":
+        return "idefics2"
     if "LlavaLlamaForCausalLM" in architectures or model_type == "llava_llama":
         return "llava"
     if "LlavaForConditionalGeneration" in architectures or model_type == "llava":
@@ -117,6 +163,20 @@ def detect_recipe(path: str) -> str:
     raise ValueError(
         f"cannot tell the model family and evaluation recipe of {path} (model_type={model_type!r}, architectures={architectures!r}); "
         f"pass --recipe, one of {sorted(RECIPES)}"
+    )
+
+
+def _llava_next_recipe(path: str, text_config: Dict[str, Any]) -> str:
+    """LLaVA-NeXT's prompt follows its language model: Mistral-Instruct or Vicuna (llama)."""
+    decoder = str(text_config.get("model_type", "llama")).lower()
+    if decoder == "mistral":
+        return "llava-next-mistral"
+    if decoder == "llama" and text_config.get("vocab_size") != _YI_VOCAB_SIZE:
+        return "llava-next-vicuna"
+    raise ValueError(
+        f"{path} is a LLaVA-NeXT checkpoint with a {decoder} decoder (vocabulary {text_config.get('vocab_size')}), "
+        "whose prompt recipe hallupatch does not know (llava-v1.6-34b uses ChatML); recipes: "
+        f"{sorted(RECIPES)} (pass --recipe to choose one)"
     )
 
 
@@ -166,11 +226,14 @@ def _eos_ids(model, tokenizer) -> List[int]:
 
 
 class LlavaHFBackend(Backend):
-    """llava-hf checkpoints: ``LlavaForConditionalGeneration`` + ``AutoProcessor``, left-padded batches."""
+    """Checkpoints used through their transformers processor (:data:`PROCESSOR_MODELS`: llava-hf LLaVA-1.5,
+    LLaVA-NeXT, VipLLaVA, Idefics2), left-padded batches. ``nested_images``: the processor takes one list of
+    images per prompt (Idefics2)."""
 
-    def __init__(self, model, processor, recipe: Recipe, name: str):
+    def __init__(self, model, processor, recipe: Recipe, name: str, nested_images: bool = False):
         super().__init__(model, recipe, name)
         self.processor = processor
+        self.nested_images = nested_images
         self.processor.tokenizer.padding_side = "left"
         mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.background = tuple(int(x * 255) for x in mean)
@@ -180,6 +243,8 @@ class LlavaHFBackend(Backend):
         if self.recipe.pad_to_square:
             images = [expand_to_square(img, self.background) for img in images]
         texts = [self.recipe.template.format(question=self.prompt(q)) for q in questions]
+        if self.nested_images:
+            images = [[image] for image in images]
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         tokenizer = self.processor.tokenizer
@@ -299,6 +364,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(name: Optional[str]) -> str:
+    """``--device`` checked on this machine (``None``: cuda when available, else cpu); a device torch does
+    not know or cannot use here is a ``ValueError`` saying what to pass instead."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} needs a CUDA GPU, but torch finds none on this machine: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...)")
+    try:
+        if device.type == "meta":
+            raise RuntimeError("meta tensors hold no data")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as err:
+        raise ValueError(f"--device {name} cannot be used on this machine ({str(err).splitlines()[0]}): use cpu or cuda") from None
+    return name
+
+
 def resolve_dtype(name: Optional[str], device: str) -> torch.dtype:
     if name is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
@@ -316,15 +403,18 @@ def load_backend(
     name = recipe or detect_recipe(path)
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    device = device or default_device()
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     recipe = RECIPES[name]
     checkpoint_name = Path(path).name
-    if name == "llava-hf":
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+    if name in PROCESSOR_MODELS:
+        import transformers
 
-        model = LlavaForConditionalGeneration.from_pretrained(path, torch_dtype=torch_dtype).to(device).eval()
-        return LlavaHFBackend(model, AutoProcessor.from_pretrained(path), recipe, checkpoint_name)
+        architecture, nested_images = PROCESSOR_MODELS[name]
+        model_class = getattr(transformers, architecture)
+        model = model_class.from_pretrained(path, torch_dtype=torch_dtype).to(device).eval()
+        processor = transformers.AutoProcessor.from_pretrained(path)
+        return LlavaHFBackend(model, processor, recipe, checkpoint_name, nested_images=nested_images)
     if name == "llava":
         try:
             from llava.mm_utils import get_model_name_from_path

@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .data import PathLike
+from .data import PathLike, read_json
 from .chair import ChairResult, ChairWords, score_captions
 
 
@@ -102,8 +101,7 @@ def load_refcocog(refs_path: PathLike, instances_path: PathLike, split: str = "v
             raise FileNotFoundError(f"RefCOCOg file not found: {p}")
     with open(refs_path, "rb") as f:
         refs = pickle.load(f)
-    with open(instances_path, encoding="utf-8") as f:
-        inst = json.load(f)
+    inst = read_json(instances_path)
     anns = {a["id"]: a for a in inst["annotations"]}
     images = {im["id"]: im for im in inst["images"]}
     cats = {c["id"]: c["name"] for c in inst["categories"]}

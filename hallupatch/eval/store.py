@@ -109,6 +109,21 @@ def _differences(stored: Mapping, current: Mapping) -> List[str]:
     return [f"{k}: {stored.get(k)!r} (stored) vs {current.get(k)!r} (now)" for k in keys if stored.get(k) != current.get(k)]
 
 
+def check_output_folder(out_dir: Path) -> None:
+    """Refuse (``StoreError``, before any work) an ``--output`` that is a file, lies under a file, or
+    would be created in or is a folder this user cannot write."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StoreError(f"--output {out_dir} is a file, not a folder: give a folder for the results")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != out_dir and not existing.is_dir():
+        raise StoreError(f"--output {out_dir} lies under the file {existing}: give a folder for the results")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StoreError(f"--output {out_dir}: {existing} is not writable: give a folder you can write to")
+
+
 def prepare_output(out_dir: Path, settings: Mapping, overwrite: bool = False) -> None:
     """Create ``out_dir`` and store ``settings`` in ``run.json``; on a resume, refuse other settings.
 

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -27,7 +28,7 @@ import torch
 from transformers import LogitsProcessor
 
 from hallupatch.early_exit import head_logits
-from hallupatch.engine import Patch
+from hallupatch.engine import Patch, user_stacklevel
 from hallupatch.layer_contrast import CandidateSpec, candidate_layers, check_candidate_spec, select_and_contrast
 from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.prior import layer_weights, load_layer_prior
@@ -35,6 +36,9 @@ from hallupatch.spec import ModelParts, PassInfo
 
 #: transformers warns below this repetition penalty when decoding with DoLa
 RECOMMENDED_REPETITION_PENALTY = 1.2
+
+#: torch.Generator.manual_seed takes a 64-bit unsigned seed
+SEED_LIMIT = 2**64
 
 PriorSpec = Union[None, Sequence[float], Mapping[int, float], str, os.PathLike]
 
@@ -104,8 +108,10 @@ class DoLaConfig(MethodConfig):
             self.layer_prior = values
         if not isinstance(self.early_exit_norm, bool):
             raise ValueError(f"early_exit_norm must be True or False; got {self.early_exit_norm!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be None or an int >= 0; got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT
+        ):
+            raise ValueError(f"seed must be None or an int with 0 <= seed < 2**64 (torch.Generator's range); got {self.seed!r}")
 
     def layers_for(self, parts: ModelParts) -> List[int]:
         """The candidate premature layers (hidden-state indices) on this model."""
@@ -192,13 +198,12 @@ class LayerContrast:
 
         patch.on_pass_start(self._start_pass)
         for layer in sorted(set(self.candidates)):
-            patch.hook(self.parts.layers[layer], self._capture(layer), pre=True, with_kwargs=True)
+            patch.hook(self.parts.layers[layer], functools.partial(self._capture, layer), pre=True, with_kwargs=True)
         # the model's own head call follows the last layer (early-exit heads inside the stack do not)
         patch.hook(self.parts.layers[-1], self._decoder_finished)
         patch.hook(self.parts.lm_head, self._head_input, pre=True)
         patch.hook(self.parts.lm_head, self._head_output)
-        original = patch.model._get_logits_processor
-        patch.wrap(patch.model, "_get_logits_processor", self._processor_factory(original))
+        patch.wrap_method(patch.model, "_get_logits_processor", self._get_logits_processor)
 
     # -- hooks ------------------------------------------------------------------------------------
     def _start_pass(self, info: PassInfo) -> None:
@@ -207,13 +212,10 @@ class LayerContrast:
         self._premature = None
         self._head_rows = None
 
-    def _capture(self, layer: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._hidden[layer] = hidden[:, -1].detach()
-            return None
-
-        return hook
+    def _capture(self, layer: int, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._hidden[layer] = hidden[:, -1].detach()
+        return None
 
     def _used_layers(self) -> List[int]:
         return self.candidates if self.forced is None else [self.candidates[self.forced]]
@@ -243,19 +245,16 @@ class LayerContrast:
         self._premature = output[own:].reshape(k, batch, output.shape[-1]).detach()
         return output[:own].reshape(*shape, output.shape[-1])
 
-    def _processor_factory(self, original):
-        def get_logits_processor(*args, **kwargs):
-            processors = original(*args, **kwargs)
-            generation_config = kwargs.get("generation_config", args[0] if args else None)
-            if generation_config is not None:
-                self._check_generation_config(generation_config)
-            # a new generate() call: fresh trace, and the seeded layer draws start again
-            self.trace = LayerContrastTrace(self.candidates)
-            self._generators = None
-            processors.insert(0, LayerContrastProcessor(self))
-            return processors
-
-        return get_logits_processor
+    def _get_logits_processor(self, original, *args, **kwargs):
+        processors = original(*args, **kwargs)
+        generation_config = kwargs.get("generation_config", args[0] if args else None)
+        if generation_config is not None:
+            self._check_generation_config(generation_config)
+        # a new generate() call: fresh trace, and the seeded layer draws start again
+        self.trace = LayerContrastTrace(self.candidates)
+        self._generators = None
+        processors.insert(0, LayerContrastProcessor(self))
+        return processors
 
     def _check_generation_config(self, generation_config) -> None:
         if (generation_config.num_beams or 1) > 1:
@@ -273,7 +272,7 @@ class LayerContrast:
                 f"repetition_penalty is {penalty}, which can make layer-contrast (DoLa) decoding repeat itself; "
                 f"the recommended value is repetition_penalty >= {RECOMMENDED_REPETITION_PENALTY}.",
                 UserWarning,
-                stacklevel=5,  # the caller of generate() (through torch.no_grad)
+                stacklevel=user_stacklevel(),
             )
 
     # -- one decoding step ------------------------------------------------------------------------

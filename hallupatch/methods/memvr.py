@@ -6,11 +6,21 @@ next-token distribution at its last real position; when the normalised entropy o
 exceeds ``entropy_threshold`` the sample triggers (once per pass), and the feed-forward output of
 layer ``l + 1`` is mixed with a key-value memory built from the sample's visual tokens, at every
 position of that pass.
+
+The semantics are per forward pass, as in the published code: with a cache, a decoding step is one pass
+over one new position, so the decision is made for every token. Without a cache (``use_cache=False``)
+every step re-runs the whole sequence in one pass, and assisted generation checks several draft tokens
+in one pass: the entropy is then read at the last position only and the retracing applies to all
+positions of the pass, so results differ from cached greedy decoding (``generate()`` warns). Contrastive
+search's candidate rows use their sample's visual memory (as beams do). A sample whose visual memory is
+empty or all zero (``mean|Z| = 0``) is not retraced; its :class:`PassTrace` says so.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -18,7 +28,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from hallupatch.early_exit import head_logits
-from hallupatch.engine import Patch
+from hallupatch.engine import Patch, user_stacklevel
 from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.spec import ModelParts, PassInfo
 
@@ -30,9 +40,13 @@ _RANGES = {
 }
 
 
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def adapter_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name == "identity":
-        return lambda x: x
+        return identity
     return ACT2FN[name]
 
 
@@ -43,6 +57,9 @@ def _activation_names() -> List[str]:
 @dataclass
 class MemVRConfig(MethodConfig):
     """MemVR knobs. Defaults are the published LLaVA-1.5 MME setting.
+
+    Decisions are per forward pass (module docstring): ``generate()`` without a cache or with an assistant
+    model decides once per multi-token pass, so it differs from cached greedy decoding (and warns).
 
     Args:
         retracing_ratio: ``α`` in ``(1-α)·F(x) + α·scale·A(x)``; in ``[0, 1]``.
@@ -111,11 +128,15 @@ class PassTrace:
 
     ``trigger_layer[b]``: the 0-based layer after which sample ``b``'s entropy exceeded the threshold
     (retracing then ran in layer ``trigger_layer + 1``), or ``None``. ``entropies[b]``: the normalised
-    top-10 entropies computed for sample ``b``, by 0-based layer.
+    top-10 entropies computed for sample ``b``, by 0-based layer. ``skipped[b]``: why a sample that has a
+    visual memory was not checked (an empty or all-zero memory), else ``None``. In a pass that
+    ``generate()`` widened (contrastive search's candidates), ``b`` is a row: sample ``i``'s ``k``
+    candidates are rows ``i*k`` to ``i*k + k - 1``.
     """
 
     is_prefill: bool
     trigger_layer: List[Optional[int]]
+    skipped: List[Optional[str]] = field(default_factory=list)
     _entropy_rows: List[tuple] = field(default_factory=list, repr=False)  # (layer, rows, values on device)
 
     @property
@@ -142,7 +163,8 @@ class MemVRTrace:
     def to_dict(self) -> dict:
         return {
             "passes": [
-                {"is_prefill": p.is_prefill, "trigger_layer": p.trigger_layer, "entropies": p.entropies}
+                {"is_prefill": p.is_prefill, "trigger_layer": p.trigger_layer, "entropies": p.entropies,
+                 "skipped": p.skipped}
                 for p in self.passes
             ]
         }
@@ -167,66 +189,84 @@ class MemVR:
         # change while decoding) and the scaled key/value memories per (sample, layer) of a generation
         self._weight_means: Dict[int, tuple] = {}
         self._scaled_memory: Dict[tuple, tuple] = {}
+        self._unusable: Dict[int, str] = {}   # visual-memory entry -> why it cannot be retraced
 
         patch.on_pass_start(self.start_pass)
+        patch.on_generate(self.check_generate)
         for layer in config.checked_layers:
-            patch.hook(self.parts.layers[layer], self._entropy_hook(layer))
-            patch.hook(self.parts.ffn(layer + 1), self._retrace_hook(layer + 1), with_kwargs=True)
+            patch.hook(self.parts.layers[layer], functools.partial(self._entropy_hook, layer))
+            patch.hook(self.parts.ffn(layer + 1), functools.partial(self._retrace_hook, layer + 1), with_kwargs=True)
+
+    def check_generate(self, kwargs: dict) -> None:
+        """Warn when a ``generate()`` call makes passes that cover several new positions (see the module doc)."""
+        config = kwargs.get("generation_config") or getattr(self.patch.model, "generation_config", None)
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+        assisted = kwargs.get("assistant_model") is not None or (
+            kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None)) is not None
+        )
+        if use_cache is False or assisted:
+            how = "assisted generation checks several draft tokens" if assisted else "use_cache=False re-runs the whole sequence"
+            warnings.warn(
+                f"MemVR decides per forward pass and {how} in one pass: the entropy is read at the last position "
+                "and retracing applies to every position of that pass, so results differ from cached greedy "
+                "decoding (as with the published code); use use_cache=True without an assistant model to "
+                "decide per token",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     def start_pass(self, info: PassInfo) -> None:
-        memory = self.patch.generation.visual_memory
+        rows = self.patch.state.memory_rows
         if info.is_prefill:
             self.trace = MemVRTrace()
             self._scaled_memory = {}
-        self.current = PassTrace(is_prefill=info.is_prefill, trigger_layer=[None] * info.batch_size)
+            self._unusable = unusable_memory(self.patch.generation.visual_memory)
+        self.current = PassTrace(is_prefill=info.is_prefill, trigger_layer=[None] * info.batch_size,
+                                 skipped=[self._unusable.get(i) if i is not None else None for i in rows])
         self.trace.passes.append(self.current)
-        self.undecided = [b for b in range(info.batch_size) if memory is not None and memory[b] is not None]
+        self.undecided = [b for b, i in enumerate(rows) if i is not None and i not in self._unusable]
         self.retrace_in = {}
         self._last_positions = None
 
-    def _entropy_hook(self, layer: int):
-        def hook(module, args, output):
-            if not self.undecided:
-                return None
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            if self._last_positions is None:
-                self._last_positions = self.patch.state.last_positions(hidden.shape[1], hidden.device)
-            rows = torch.tensor(self.undecided, device=hidden.device)
-            last_hidden = hidden[rows, self._last_positions.to(hidden.device)[rows]]
-            logits = head_logits(self.parts, last_hidden, norm=self.config.early_exit_norm).float()
-            top = logits.topk(TOP_K, dim=-1).values
-            entropy = -(top.softmax(-1) * top.log_softmax(-1)).sum(-1) / math.log(TOP_K)
-            self.current._entropy_rows.append((layer, list(self.undecided), entropy))
-            fired = (entropy > self.config.entropy_threshold).tolist()  # one host sync per checked layer
-            triggered = [b for b, hit in zip(self.undecided, fired) if hit]
-            if triggered:
-                for b in triggered:
-                    self.current.trigger_layer[b] = layer
-                self.retrace_in[layer + 1] = triggered
-                self.undecided = [b for b, hit in zip(self.undecided, fired) if not hit]
+    def _entropy_hook(self, layer: int, module, args, output):
+        if not self.undecided:
             return None
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if self._last_positions is None:
+            self._last_positions = self.patch.state.last_positions(hidden.shape[1], hidden.device)
+        rows = torch.tensor(self.undecided, device=hidden.device)
+        last_hidden = hidden[rows, self._last_positions.to(hidden.device)[rows]]
+        logits = head_logits(self.parts, last_hidden, norm=self.config.early_exit_norm).float()
+        top = logits.topk(TOP_K, dim=-1).values
+        entropy = -(top.softmax(-1) * top.log_softmax(-1)).sum(-1) / math.log(TOP_K)
+        self.current._entropy_rows.append((layer, list(self.undecided), entropy))
+        fired = (entropy > self.config.entropy_threshold).tolist()  # one host sync per checked layer
+        triggered = [b for b, hit in zip(self.undecided, fired) if hit]
+        if triggered:
+            for b in triggered:
+                self.current.trigger_layer[b] = layer
+            self.retrace_in[layer + 1] = triggered
+            self.undecided = [b for b, hit in zip(self.undecided, fired) if not hit]
+        return None
 
-        return hook
-
-    def _retrace_hook(self, layer: int):
-        def hook(module, args, kwargs, output):
-            rows = self.retrace_in.get(layer)
-            if not rows:
-                return None
-            x = args[0] if args else next(iter(kwargs.values()))
-            real = self.patch.state.info.real_positions
-            real = real.to(output.device) if real is not None else None
-            mixed = output.clone()
-            for b in rows:
-                keys, values = self.scaled_memory(b, layer, x)
-                keep = real[b] if real is not None else slice(None)
-                mixed[b] = self.retrace(x[b], output[b], keys, values, keep)
-            return mixed
-
-        return hook
+    def _retrace_hook(self, layer: int, module, args, kwargs, output):
+        rows = self.retrace_in.get(layer)
+        if not rows:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        real = self.patch.state.info.real_positions
+        real = real.to(output.device) if real is not None else None
+        mixed = output.clone()
+        memory_rows = self.patch.state.memory_rows
+        for b in rows:
+            keys, values = self.scaled_memory(memory_rows[b], layer, x)
+            keep = real[b] if real is not None else slice(None)
+            mixed[b] = self.retrace(x[b], output[b], keys, values, keep)
+        return mixed
 
     def scaled_memory(self, sample: int, layer: int, x: torch.Tensor) -> tuple:
-        """``(s_k Z, s_v Z)`` of one sample for one layer: ``s = mean|W| / mean|Z|``, means in at least float32."""
+        """``(s_k Z, s_v Z)`` of visual-memory entry ``sample`` for one layer: ``s = mean|W| / mean|Z|``,
+        means in at least float32."""
         cached = self._scaled_memory.get((sample, layer))
         if cached is not None:
             return cached
@@ -250,6 +290,24 @@ class MemVR:
         ratio = self.config.retracing_ratio
         balance = ffn_out[keep].abs().to(wide).mean() / adapter[keep].abs().to(wide).mean()
         return (1 - ratio) * ffn_out + (ratio * balance).to(x.dtype) * adapter
+
+
+def memory_problem(tokens: torch.Tensor) -> Optional[str]:
+    """Why MemVR cannot retrace with these ``(n, hidden)`` visual tokens, or ``None``: the memory is scaled
+    by ``1 / mean|Z|``, so it must be non-empty, finite and not all zero."""
+    if tokens.shape[0] == 0:
+        return "empty (0 tokens)"
+    if not torch.isfinite(tokens).all():
+        return "not all finite"
+    if not tokens.ne(0).any():
+        return "all zero (mean |Z| = 0)"
+    return None
+
+
+def unusable_memory(memory: Optional[List[Optional[torch.Tensor]]]) -> Dict[int, str]:
+    """The entries of a visual memory that cannot be retraced, with the reason (checked once per prefill)."""
+    problems = {i: memory_problem(t) for i, t in enumerate(memory or []) if t is not None}
+    return {i: f"visual memory is {problem}: not retraced" for i, problem in problems.items() if problem}
 
 
 def install(patch: Patch, config: MemVRConfig) -> MemVR:
