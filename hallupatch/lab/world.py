@@ -9,7 +9,9 @@ trigger: a language-prior hallucination with a known cause.
 
 Every scene is a pure function of ``(split, index)``: its own ``numpy`` generator is seeded with
 ``(WORLD_SEED, split seed, index)``, so any scene can be rebuilt on its own, in any order, and the
-splits draw from disjoint seed streams. Evaluation splits (``dev``, ``test``) never hide objects
+splits draw from disjoint seed streams; on top of that, a scene's content (objects, centres, sizes)
+belongs by a stable hash to either the training or the evaluation part of the world (:func:`split_of_content`),
+so no dev/test scene equals any training scene. Evaluation splits (``dev``, ``test``) never hide objects
 and use :data:`EVAL_PARTNER_RATE` so that "trigger present, partner absent" scenes are common enough
 to ask about.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import zlib
 
 import numpy as np
 
@@ -48,6 +52,7 @@ HIDDEN_RATE = 0.2
 TRIGGER_FIRST_RATE = 0.4  # how often a scene's first object is a trigger
 SPLIT_SEEDS = {"train": 1, "dev": 2, "test": 3}
 SPLITS = tuple(SPLIT_SEEDS)
+CONTENT_BUCKETS = 16
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,28 @@ def make_scene(split: str, index: int) -> Scene:
         raise ValueError(f"scene index must be a non-negative integer; got {index!r}")
     rng = _generator(split, index)
     training = split == "train"
-    partner_rate = TRAIN_PARTNER_RATE if training else EVAL_PARTNER_RATE
+    while True:  # a scene's content belongs to exactly one split's part of the world
+        names, placed = _draw(rng, TRAIN_PARTNER_RATE if training else EVAL_PARTNER_RATE)
+        if split_of_content(names, placed) == split:
+            break
+    hidden = [bool(training and rng.random() < HIDDEN_RATE) for _ in names]
+    if all(hidden):
+        hidden[int(rng.integers(len(names)))] = False  # at least one object is drawn
+    objects = [Placed(n, x, y, s, h) for n, (x, y, s), h in zip(names, placed, hidden)]
+    objects.sort(key=lambda o: (o.x, o.y))
+    return Scene(split, int(index), tuple(objects))
+
+
+def split_of_content(names: Sequence[str], placed: Sequence[Tuple[int, int, int]]) -> str:
+    """The split a scene content (objects, centres, sizes) belongs to, by a stable hash modulo
+    :data:`CONTENT_BUCKETS`: bucket 0 is dev, bucket 1 test, all others training. So no dev or test
+    scene can equal a training scene (nor each other), however many scenes are drawn."""
+    key = ";".join(f"{n}@{x},{y},{s}" for n, (x, y, s) in sorted(zip(names, placed)))
+    bucket = zlib.crc32(key.encode("utf-8")) % CONTENT_BUCKETS
+    return "dev" if bucket == 0 else "test" if bucket == 1 else "train"
+
+
+def _draw(rng: np.random.Generator, partner_rate: float) -> Tuple[List[str], List[Tuple[int, int, int]]]:
     count = int(rng.integers(1, 4))
     if rng.random() < TRIGGER_FIRST_RATE:
         names = [TRIGGERS[int(rng.integers(len(TRIGGERS)))]]
@@ -129,13 +155,7 @@ def make_scene(split: str, index: int) -> Scene:
         pool = [o for o in OBJECTS if o not in names and o not in PARTNER_OF
                 and not any(PARTNER_OF.get(n) == o for n in names)]
         names.append(pool[int(rng.integers(len(pool)))])
-    placed = _place(rng, len(names))
-    hidden = [bool(training and rng.random() < HIDDEN_RATE) for _ in names]
-    if all(hidden):
-        hidden[int(rng.integers(len(names)))] = False  # at least one object is drawn
-    objects = [Placed(n, x, y, s, h) for n, (x, y, s), h in zip(names, placed, hidden)]
-    objects.sort(key=lambda o: (o.x, o.y))
-    return Scene(split, int(index), tuple(objects))
+    return names, _place(rng, len(names))
 
 
 def _place(rng: np.random.Generator, count: int) -> List[Tuple[int, int, int]]:
