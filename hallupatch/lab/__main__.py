@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="checkpoint folder (default: the shipped one)")
     m.add_argument("--questions", type=int, default=200, help="questions per POPE split and set (default 200)")
     m.add_argument("--captions", type=int, default=100, help="captions per set (default 100)")
-    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     m.add_argument("--skip-methods", action="store_true", help="only the plain model's figures")
     w = sub.add_parser("write", help="write lab data in a benchmark's official layout")
     w.add_argument("benchmark", choices=["mme", "pope", "coco"])

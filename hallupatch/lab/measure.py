@@ -118,7 +118,7 @@ def choose_threshold(model, processor, questions: int) -> Tuple[float, Dict[floa
     return best, scores
 
 
-def measure(model_path: Optional[str] = None, questions: int = 200, captions: int = 100, threads: int = 2,
+def measure(model_path: Optional[str] = None, questions: int = 200, captions: int = 100, threads: int = 1,
             methods: bool = True, out=print) -> Dict:
     """Print and return the lab's figures (test split; knobs from dev)."""
     torch.set_num_threads(threads)

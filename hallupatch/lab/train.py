@@ -142,6 +142,7 @@ def _save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+@torch.enable_grad()  # also when called under torch.no_grad()
 def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: int = 1,
           progress: bool = True, stop_after: Optional[int] = None) -> Path:
     """Train the lab model into ``out`` (a ``from_pretrained`` folder) and return the path.
