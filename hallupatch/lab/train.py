@@ -1,7 +1,7 @@
 """Training the lab model in two stages, deterministic and resumable.
 
-1. **Vision**: the CLIP vision tower learns per-patch object tags (which objects cover each 8 px patch)
-   through a linear head that is thrown away afterwards.
+1. **Vision**: the CLIP vision tower learns per-patch object tags (which objects cover each 8 px patch,
+   and at every patch the scene's set of drawn objects) through a linear head thrown away afterwards.
 2. **Language**: with the vision tower frozen, the projector and the LLaMA decoder learn the texts of
    :func:`hallupatch.lab.text.training_text` in the exact prompt format of the eval harness; the loss is
    on the answer tokens only, averaged per sequence, then over the batch.
@@ -129,7 +129,7 @@ def sequence_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 class _TagHead(torch.nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden, len(world.OBJECTS))
+        self.linear = torch.nn.Linear(hidden, 2 * len(world.OBJECTS))
 
     def forward(self, model, pixel_values):
         hidden = model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-1][:, 1:]

@@ -208,10 +208,16 @@ def render(scene: Scene) -> np.ndarray:
 
 
 def patch_tags(scene: Scene, patch: int = 8, min_fraction: float = 0.1) -> np.ndarray:
-    """Per-patch multi-label targets for the vision pre-training: ``(patches, len(OBJECTS))`` of 0/1,
-    1 where a drawn object covers at least ``min_fraction`` of the patch (row-major patch order)."""
+    """Per-patch multi-label targets for the vision pre-training: ``(patches, 2 * len(OBJECTS))`` of 0/1.
+
+    Columns ``0..23``: 1 where a drawn object covers at least ``min_fraction`` of the patch (row-major
+    patch order); columns ``24..47``: the scene's drawn objects, the same on every patch, so that each
+    image token also carries the whole scene's object set.
+    """
     side = IMAGE_SIZE // patch
-    tags = np.zeros((side * side, len(OBJECTS)), dtype=np.float32)
+    tags = np.zeros((side * side, 2 * len(OBJECTS)), dtype=np.float32)
+    for name in scene.visible:
+        tags[:, len(OBJECTS) + OBJECTS.index(name)] = 1.0
     for obj in scene.objects:
         if obj.hidden:
             continue
