@@ -74,3 +74,22 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and "error: no lab checkpoint" in result.stderr
     with pytest.raises(TypeError):
         train(tmp_path, config={"vision_steps": 1})
+
+
+def test_answer_relay_targets_follow_the_asked_object():
+    processor = build_processor()
+    tok = processor.tokenizer
+    plain = language_batch(processor, step=1, batch_size=8)
+    relay = language_batch(processor, step=1, batch_size=8, answer_relay=True)
+    assert torch.equal(plain["input_ids"], relay["input_ids"])
+    yes_no = {tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")}
+    shapes = set(tok.convert_tokens_to_ids(["circle", "square", "triangle", "cross"]))
+    for ids, lab_plain, lab_relay in zip(plain["input_ids"], plain["labels"], relay["labels"]):
+        answer = [int(t) for t in lab_plain[lab_plain != -100]]
+        extra = (lab_relay != -100) & (lab_plain == -100)
+        if answer[0] in yes_no:
+            first = int(extra.nonzero()[0])
+            assert int(ids[first - 1]) in shapes  # from the shape word's position on
+            assert set(lab_relay[extra].tolist()) == {answer[0]} and bool(extra[first:int(extra.nonzero()[-1]) + 1].all())
+        else:
+            assert not extra.any()  # captions: no relay targets
