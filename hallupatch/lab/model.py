@@ -56,12 +56,13 @@ def build_model(processor, seed: int = 0):
     torch.manual_seed(seed)
     try:
         model = LlavaForConditionalGeneration(config)
-        # transformers 4.40's llava merge finds image slots as all-zero embeddings: a zero pad embedding
-        # (nn.Embedding's padding_idx init) would be taken for one, so the pad row gets small weights
-        # (padding_idx keeps its gradient at zero, so they never change).
+        # Token embeddings start at std 0.5 (transformers' LLaMA init is 0.02): the projected image tokens
+        # (rms ~0.14) then do not swamp a word's own identity in the residual stream, which kept the model
+        # from reading the asked object. Also, transformers 4.40's llava merge finds image slots as all-zero
+        # embeddings, so the pad row must not be zero (nn.Embedding's padding_idx init); padding_idx keeps
+        # its gradient at zero, so it never changes.
         with torch.no_grad():
-            embeddings = model.get_input_embeddings().weight
-            embeddings[tokenizer.pad_token_id].normal_(0.0, 0.02)
+            model.get_input_embeddings().weight.normal_(0.0, 0.5)
     finally:
         torch.random.set_rng_state(state)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -37,7 +37,7 @@ class TrainConfig:
     """The knobs of one training run (all recorded in ``training.json``)."""
 
     vision_steps: int = 2000
-    language_steps: int = 2000
+    language_steps: int = 1500
     batch_size: int = 32
     vision_lr: float = 2e-3
     language_lr: float = 2e-3
