@@ -11,11 +11,13 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["hallupatch", "hallupatch.eval", "hallupatch.methods", "hallupatch.prior", "hallupatch.testing", "hallupatch.patches", "hallupatch.dropin"],
+    packages=["hallupatch", "hallupatch.eval", "hallupatch.eval.tasks", "hallupatch.methods", "hallupatch.prior",
+              "hallupatch.testing", "hallupatch.lab", "hallupatch.patches", "hallupatch.dropin"],
     # The family specs and the drop-in modeling files live at the top level of the repository
     # (the product's layout) and are installed inside the package.
     package_dir={"hallupatch.patches": "patches", "hallupatch.dropin": "modeling"},
-    package_data={"hallupatch.dropin": ["*.py"], "hallupatch": ["data/*"]},
+    # the lab's trained checkpoint (fp16 safetensors + processor files) ships inside the package
+    package_data={"hallupatch.dropin": ["*.py"], "hallupatch": ["data/*"], "hallupatch.lab": ["checkpoint/*"]},
     install_requires=[
         "transformers==4.40.0",
         "torch",

@@ -1,0 +1,129 @@
+"""The lab world, its texts and its data writers: deterministic, disjoint splits, official layouts."""
+import json
+
+import numpy as np
+import pytest
+
+from hallupatch.lab import questions as lq
+from hallupatch.lab import text as lt
+from hallupatch.lab import world, writers
+from hallupatch.lab.train import TrainConfig
+
+# every training scene the shipped checkpoint saw: scene step*batch + j for the longer stage
+TRAINING_SCENES = max(TrainConfig().vision_steps, TrainConfig().language_steps) * TrainConfig().batch_size
+
+
+def test_scenes_are_deterministic_per_seed():
+    a = [world.make_scene("train", i) for i in range(50)]
+    b = [world.make_scene("train", i) for i in reversed(range(50))][::-1]
+    assert a == b
+    assert all(np.array_equal(world.render(x), world.render(y)) for x, y in zip(a[:10], b[:10]))
+    # other splits (other seeds) give other scenes
+    assert [s.layout for s in world.scenes("dev", 50)] != [s.layout for s in a]
+
+
+def test_world_statistics_plant_the_prior():
+    train = world.scenes("train", 4000)
+    trig = [s for s in train if "red circle" in s.labels]
+    partner_rate = np.mean(["blue square" in s.labels for s in trig])
+    assert 0.85 < partner_rate < 0.95
+    labelled = [o for s in train for o in s.objects]
+    assert 0.17 < np.mean([o.hidden for o in labelled]) < 0.23
+    assert all(s.visible for s in train)  # at least one object drawn
+    assert all(1 <= len(s.objects) <= 3 for s in train)
+    assert not any(o.hidden for s in world.scenes("test", 500) for o in s.objects)
+
+
+def test_dev_and_test_scenes_never_equal_training_scenes():
+    # a sample of the shipped checkpoint's training scenes (all of them: a few seconds more)
+    train = {world.make_scene("train", i).layout for i in range(0, TRAINING_SCENES, 4)}
+    evaluation = {s.layout for split in ("dev", "test") for s in world.scenes(split, 3000)}
+    assert not train & evaluation
+    for split in world.SPLITS:  # by construction: each content belongs to one split
+        for s in world.scenes(split, 300):
+            assert world.split_of_content(s.labels, [(o.x, o.y, o.size) for o in s.objects]) == split
+    dev = {s.layout for s in world.scenes("dev", 3000)}
+    test = {s.layout for s in world.scenes("test", 3000)}
+    assert not dev & test
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="unknown split"):
+        world.make_scene("val", 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        world.make_scene("train", -1)
+    with pytest.raises(ValueError, match="even integer"):
+        lq.pope_questions("test", "random", 3)
+    with pytest.raises(ValueError, match="evaluation split"):
+        lq.pope_questions("train", "random", 10)
+    with pytest.raises(ValueError, match="POPE split"):
+        lq.pope_questions("test", "hard", 10)
+    with pytest.raises(ValueError, match="unknown object"):
+        lt.yes_no_question("pink circle")
+
+
+def test_prompt_words_are_all_in_the_vocabulary():
+    tok = lt.build_tokenizer()
+    texts = [lt.prompt(lt.yes_no_question(o, f, s)) for o in world.OBJECTS for f in (0, 1)
+             for s in (lt.SHORT_ANSWER, lt.YES_NO_SUFFIX)]
+    texts += [lt.prompt(c) for c in lt.CAPTION_PROMPTS] + [lt.prompt("Is there a red circle in the image?")]
+    for t in texts:
+        assert tok.unk_token_id not in tok(t)["input_ids"], t
+    ids = tok(lt.prompt("Describe the image."))["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.convert_tokens_to_ids("<image>")) == 1
+
+
+def test_pope_questions_follow_the_definitions():
+    ranking = lq.popularity()
+    # triggers open 40% of scenes and bring their partners: the eight most frequent objects
+    assert set(ranking[:8]) == set(world.TRIGGERS) | set(world.PARTNERS)
+    for kind in lq.POPE_KINDS:
+        qs = lq.pope_questions("test", kind, 100)
+        assert lq.pope_stats(qs) == {"yes": 50, "no": 50}
+        for q in qs:
+            assert (q.obj in q.scene.labels) == (q.label == "yes")
+        if kind == "adversarial":
+            for yes, no in zip(qs[0::2], qs[1::2]):
+                assert world.PARTNER_OF[yes.obj] == no.obj
+        if kind == "popular":
+            for q in qs[1::2]:
+                absent = [o for o in ranking if o not in q.scene.labels]
+                assert q.obj == absent[0]
+    adv = lq.pope_questions("test", "adversarial", 100)
+    for a, c in zip([q for q in adv if q.label == "no"], lq.control_questions(adv)):
+        trigger = [t for t, p in world.PAIRS.items() if p == a.obj][0]
+        assert c.obj == a.obj and c.label == "no" and len(c.scene.objects) == len(a.scene.objects)
+        assert trigger not in c.scene.labels and a.obj not in c.scene.labels
+
+
+def test_writers_use_the_official_layouts(tmp_path):
+    from hallupatch.eval.tasks import load_mme, load_pope
+
+    mme = writers.write_mme(tmp_path / "mme", split="test", images=6)
+    qs = load_mme(mme)
+    assert len(qs) == 12 and {q.group for q in qs} == {"existence"}
+    lines = (mme / "existence" / "lab_test_000000.txt").read_text().splitlines()
+    assert [line.split("\t")[1] for line in lines] == ["Yes", "No"]
+    assert (mme / "existence" / "lab_test_000000.png").is_file()
+
+    pope = writers.write_pope(tmp_path / "pope", split="dev", questions=10)
+    rows = [json.loads(line) for line in (pope / "coco_pope_adversarial.json").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == list(range(1, 11))
+    assert set(rows[0]) == {"question_id", "image", "text", "label"} and rows[0]["text"].startswith("Is there a ")
+    loaded = load_pope(pope)
+    assert len(loaded) == 30 and {q.group for q in loaded} == set(lq.POPE_KINDS)
+
+    coco = writers.write_coco(tmp_path / "coco", split="test", images=5)
+    inst = json.loads((coco / "annotations" / "instances_val2014.json").read_text())
+    caps = json.loads((coco / "annotations" / "captions_val2014.json").read_text())
+    assert len(inst["images"]) == 5 and len(caps["annotations"]) == 5
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    first = world.make_scene("test", 0)
+    assert sorted(names[a["category_id"]] for a in inst["annotations"] if a["image_id"] == inst["images"][0]["id"]) \
+        == sorted(first.labels)
+    assert (coco / "val2014" / inst["images"][0]["file_name"]).is_file()
+    vocab = (coco / writers.CHAIR_VOCABULARY_FILE).read_text().splitlines()
+    assert vocab[0] == "red circle, red circles" and len(vocab) == len(world.OBJECTS)
+    # deterministic: a second write gives the same files
+    again = writers.write_pope(tmp_path / "pope2", split="dev", questions=10)
+    assert (again / "coco_pope_random.json").read_text() == (pope / "coco_pope_random.json").read_text()
