@@ -29,6 +29,7 @@ setup(
         "Pillow",  # images: transformers' image processors and the benchmarks' image files need it
         "lemminflect",  # CHAIR's singulariser: ships its data, works offline (NLTK's data cannot be pip-installed)
         "pycocoevalcap",  # official COCO caption metrics (BLEU/METEOR/ROUGE-L/CIDEr); needs a Java runtime
+        "matplotlib",  # the lab comparison's figure (lab.png): scores with intervals, entropy profile, layers
     ],
     # accelerate: `accelerate launch -m hallupatch.eval` shards a benchmark over processes/GPUs
     # (its PartialState gives rank, world size, device and barriers); the test installs it to check that.

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hallupatch.eval.models import RECIPES, LlavaHFBackend  # noqa: E402
-from hallupatch.eval.sample import write_mme_sample  # noqa: E402
+from hallupatch.testing.mme_sample import write_mme_sample  # noqa: E402
 from hallupatch.eval.tasks.mme import load_mme_folder  # noqa: E402
 from hallupatch.testing.tiny import tiny_llava  # noqa: E402
 

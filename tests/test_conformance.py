@@ -647,7 +647,7 @@ def test_idefics2_image_splitting_keeps_the_sub_images_of_a_sample_in_one_memory
 
 @pytest.fixture(scope="module")
 def mme_sample(tmp_path_factory):
-    from hallupatch.eval.sample import write_mme_sample
+    from hallupatch.testing.mme_sample import write_mme_sample
 
     return write_mme_sample(tmp_path_factory.mktemp("mme") / "MME_Benchmark_release_version")
 

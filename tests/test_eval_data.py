@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from hallupatch.eval.harness import check_unique
-from hallupatch.eval.sample import IMAGES_PER_SUBTASK, QUESTIONS, write_mme_sample
+from hallupatch.testing.mme_sample import IMAGES_PER_SUBTASK, QUESTIONS, write_mme_sample
 from hallupatch.eval.data import DataError
 from hallupatch.eval.tasks.mme import load_mme, load_mme_dataset, load_mme_folder
 from hallupatch.eval.tasks.pope import load_pope

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hallupatch.eval import cli, models
-from hallupatch.eval.sample import write_mme_sample
+from hallupatch.testing.mme_sample import write_mme_sample
 from hallupatch.eval.store import StoreError
 
 

@@ -9,7 +9,7 @@ import torch
 
 from hallupatch.eval import cli
 from hallupatch.eval.data import DataError, json_lines, read_json
-from hallupatch.eval.sample import write_mme_sample
+from hallupatch.testing.mme_sample import write_mme_sample
 
 QUICK = ["--limit", "2", "--max-new-tokens", "2", "--no-progress"]
 

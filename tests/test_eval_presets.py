@@ -6,7 +6,7 @@ import pytest
 
 from hallupatch.eval import cli, models
 from hallupatch.eval.presets import PRESETS
-from hallupatch.eval.sample import write_mme_sample
+from hallupatch.testing.mme_sample import write_mme_sample
 from hallupatch.testing.tiny import build_tiny_llava_checkpoint
 
 # the published scripts' values, typed from the scripts (MemVR eval_scripts/*/mme.sh and llava/chair.sh,

@@ -8,7 +8,7 @@ import pytest
 
 from hallupatch.eval import cli
 from hallupatch.eval.data import DataError
-from hallupatch.eval.sample import write_mme_sample
+from hallupatch.testing.mme_sample import write_mme_sample
 from hallupatch.eval.scoring import POPE_SPLITS
 from hallupatch.eval.tasks.mme import load_mme_folder
 

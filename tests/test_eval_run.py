@@ -13,7 +13,7 @@ from conftest import launch_two_processes
 from hallupatch.engine import get_patch
 from hallupatch.eval import cli, harness, models
 from hallupatch.eval.tasks import get_task
-from hallupatch.eval.sample import write_mme_sample
+from hallupatch.testing.mme_sample import write_mme_sample
 from hallupatch.eval.scoring import parse_mme_answer, parse_pope_answer
 from hallupatch.eval.store import StoreError, prepare_output, read_answers
 from hallupatch.eval.data import DataError
@@ -85,8 +85,10 @@ def _files(out):
     return {k: v for k, v in files.items() if not k.startswith("sample_data/")}
 
 
-def test_embedded_default_end_to_end(tmp_path, capsys):
-    scores = cli.run(["mme", "--output", str(tmp_path), "--max-new-tokens", "2", "--no-progress"])
+def test_synthetic_mme_sample_end_to_end(tmp_path, capsys, checkpoint, mme_folder):
+    """All seven subtasks of the synthetic MME sample (the built-in default before the lab), one model."""
+    scores = cli.run(["mme", "--model", str(checkpoint), "--data", str(mme_folder), "--output", str(tmp_path),
+                      "--max-new-tokens", "2", "--batch-size", "8", "--no-progress"])
     printed = capsys.readouterr().out
     assert "perception" in printed and "cognition" in printed and "questions/s" in printed
     subtasks = scores["subtasks"]
@@ -109,7 +111,7 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     lines = (tmp_path / "mme_tool" / "scene.txt").read_text().splitlines()
     assert len(lines) == 6 and all(len(line.split("\t")) == 4 for line in lines)
     assert lines[0].split("\t")[1].endswith("Please answer yes or no.")
-    assert json.loads((tmp_path / "run.json").read_text())["model"] == "embedded:tiny-llava"
+    assert json.loads((tmp_path / "run.json").read_text())["model"] == str(Path(checkpoint).resolve())
     assert json.loads((tmp_path / "scores.json").read_text())["perception"] == pytest.approx(scores["perception"])
 
 
@@ -121,12 +123,12 @@ def test_main_job_command_in_a_subprocess(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "perception" in done.stdout
-    assert (tmp_path / "hallupatch_output" / "mme-tiny-llava-none" / "scores.json").exists()
+    assert (tmp_path / "hallupatch_output" / "mme-hallupatch-lab-none" / "scores.json").exists()
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
-    assert cli.main(["pope", "--output", str(tmp_path)]) == 2
-    assert "error: POPE needs --data" in capsys.readouterr().err
+    assert cli.main(["phd", "--output", str(tmp_path)]) == 2   # mme, pope and chair have built-in data
+    assert "error: PhD needs --data" in capsys.readouterr().err
     assert cli.main(["mme", "--data", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 2
     assert "MME data not found" in capsys.readouterr().err
     assert cli.main(["mme", "--output", str(tmp_path), "--retracing-ratio", "0.2"]) == 2

@@ -113,11 +113,21 @@ def _noun_lemma(word: str) -> str:
 
 
 class ChairWords:
-    """The CHAIR word pipeline: caption -> object mentions ``[(word, category), ...]``."""
+    """The CHAIR word pipeline: caption -> object mentions ``[(word, category), ...]``.
+
+    ``synonyms``: ``{word or two-word term: object}`` (:func:`load_synonyms`); default COCO's 80 categories.
+    """
+
+    @classmethod
+    def from_file(cls, path: Optional[PathLike] = None) -> "ChairWords":
+        """The pipeline for an object vocabulary file (``object, synonym, ...`` lines); ``None``: COCO's."""
+        return cls() if path is None else cls(load_synonyms(path))
 
     def __init__(self, synonyms: Optional[Mapping[str, str]] = None):
         self.synonyms: Dict[str, str] = dict(synonyms) if synonyms is not None else load_synonyms()
         self.double_words = _double_word_map()
+        if synonyms is not None:  # another vocabulary's two-word names are merged as COCO's double words are
+            self.double_words.update({term: term for term in self.synonyms if len(term.split()) == 2})
         # Words that are already in the vocabulary are kept as they are (never "bus" -> "bu").
         self._keep = {w for term in list(self.synonyms) + list(self.double_words) for w in term.split()}
 

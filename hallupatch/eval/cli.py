@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from hallupatch.eval import harness, models, sample
+from hallupatch.eval import embedded as builtin
+from hallupatch.eval import harness, lab, models
 from hallupatch.eval.data import DataError
 from hallupatch.eval.decoding import GREEDY, Decoding
 from hallupatch.eval.presets import get_preset, preset_help, with_preset
@@ -54,8 +55,9 @@ def _prior(text: str):
 DESCRIPTION = """\
 Evaluate a multimodal model on a hallucination benchmark, scored as the official tools score it.
 
-With no --model and no --data, `python -m hallupatch.eval mme` runs the built-in model on its built-in
-MME-format sample in seconds.
+With no --model and no --data, `python -m hallupatch.eval mme|pope|chair` runs the built-in model, the
+lab's tiny LLaVA trained on a synthetic world with a planted hallucination, on the lab's data written in
+the benchmark's official layout, in seconds; `python -m hallupatch.eval lab` compares every method on it.
 
 Real runs:
   python -m hallupatch.eval mme  --model path/to/llava-1.5-7b-hf --data MME_Benchmark_release_version
@@ -70,6 +72,10 @@ and print one comparison table with paired tests (comparison.json).
 Rerunning the same command resumes: finished questions are skipped. Results go to --output:
 answers.jsonl, scores.json, run.json (settings) and the benchmark's own files.
 """
+
+
+#: runs of several benchmarks with their own options (``add_arguments``, ``run(args)``, ``SUMMARY``)
+SUITES = {"lab": lab}
 
 
 def _shared_options() -> argparse.ArgumentParser:
@@ -121,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[shared], help=task.summary, description=f"{task.summary}.\n\n"
                                   f"Data: {task.data_help}", formatter_class=argparse.RawDescriptionHelpFormatter)
         task.add_arguments(sub.add_argument_group(f"{name} options"))
+    for name, suite in SUITES.items():
+        suite.add_arguments(commands.add_parser(name, help=suite.SUMMARY, description=suite.__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 
 
@@ -193,36 +202,43 @@ def parse_methods(text: str) -> List[str]:
     return methods
 
 
-def _knobs(args, methods: Sequence[str], embedded: Optional[sample.EmbeddedModel]) -> Dict[str, Dict[str, Any]]:
-    """Each method's knobs: the flags given (for every method that has them) on top of the built-in
-    model's defaults for that method."""
-    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in KNOBS.items()}
-    given = {k: v for k, v in given.items() if v is not None}
-    if given and methods == ["none"]:
-        raise ValueError(f"method knobs {sorted(given)} need --method memvr (or another method)")
+def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedModel],
+              given_variants: Optional[Dict[str, harness.Variant]] = None) -> Dict[str, harness.Variant]:
+    """Each method's variant: the knob flags given (for every method that has them), or the variants a
+    caller passed in, on top of the built-in model's defaults for that method."""
     from hallupatch.methods import parse_method
 
-    per_method: Dict[str, Dict[str, Any]] = {}
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in KNOBS.items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and list(methods) == ["none"]:
+        raise ValueError(f"method knobs {sorted(given)} need --method memvr (or another method)")
+
+    def defaults(method: str) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for part in method.split("+") if embedded is not None and method != "none" else ():
+            out.update(embedded.method_knobs.get(part, {}))
+        return out
+
+    if given_variants is not None:
+        return {label: harness.Variant(v.method, {**defaults(v.method), **v.knobs}) for label, v in given_variants.items()}
+    variants = {}
     for method in methods:
-        if method == "none":
-            per_method[method] = {}
-            continue
-        fields = {k for m in parse_method(method) for k in m.config_cls.knobs()}
-        defaults = {}
-        if embedded is not None:
-            for part in method.split("+"):
-                defaults.update(embedded.method_knobs.get(part, {}))
-        per_method[method] = {**defaults, **{k: v for k, v in given.items() if k in fields}}
-    return per_method
+        fields = set() if method == "none" else {k for m in parse_method(method) for k in m.config_cls.knobs()}
+        variants[method] = harness.Variant(method, {**defaults(method), **{k: v for k, v in given.items() if k in fields}})
+    return variants
 
 
-def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str, Any]]:
+def run(argv: Optional[Sequence[str]] = None, backend=None,
+        variants: Optional[Dict[str, harness.Variant]] = None) -> Optional[Dict[str, Any]]:
     """Run the CLI; returns the scores (on the main process) and raises on errors.
 
     ``backend``: an already loaded :class:`~hallupatch.eval.models.Backend` instead of ``--model``.
-    With several methods the result is ``{"methods": {method: scores}, "comparison": ...}``.
+    ``variants``: ``{label: Variant}`` to compare instead of ``--method`` (e.g. one method in several settings).
+    With several methods the result is ``{"methods": {label: scores}, "comparison": ...}``.
     """
     args = parse_args(argv)
+    if args.benchmark in SUITES:
+        return SUITES[args.benchmark].run(args)
     if args.recipe_old_spelling:
         print("note: --family is now spelled --recipe (a family is the model structure hallupatch patches)",
               file=sys.stderr)
@@ -234,8 +250,8 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     if args.device is not None:
         models.resolve_device(args.device)   # refused before any data is read
     task: Task = get_task(args.benchmark)(args)
-    methods = parse_methods(args.method)
-    embedded = sample.EMBEDDED if args.model is None and backend is None else None
+    methods = list(variants) if variants is not None else parse_methods(args.method)
+    embedded = builtin.EMBEDDED if args.model is None and backend is None else None
     model_name = embedded.name if embedded else (backend.name if backend else Path(args.model).name)
     if args.output is None:
         tag = f"answers-{Path(args.answers).stem}" if args.answers else f"{model_name}-{args.method}"
@@ -253,7 +269,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
         questions = _questions(task, data, None, out, args, answers=Path(args.answers))
         return harness.score_outside_answers(task, questions, Path(args.answers), out)
 
-    knobs = _knobs(args, methods, embedded)
+    chosen = _variants(args, methods, embedded, variants)
     if embedded:
         backend = embedded.build()
         if args.device is not None or args.dtype is not None:   # the built-in model is built on the CPU
@@ -266,7 +282,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     if args.preset:  # for this run only: a backend passed in keeps its own recipe afterwards
         backend.recipe = dataclasses.replace(recipe, **get_preset(args.preset, args.benchmark).recipe)
     try:
-        results, comparison = _evaluate(task, args, backend, embedded, data, data_setting, out, knobs, decoding)
+        results, comparison = _evaluate(task, args, backend, embedded, data, data_setting, out, chosen, decoding)
     finally:
         backend.recipe = recipe
     if len(methods) == 1 or results[methods[0]] is None:
@@ -274,7 +290,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None) -> Optional[Dict[str
     return {"methods": results, "comparison": comparison}
 
 
-def _evaluate(task: Task, args, backend, embedded, data, data_setting, out: Path, knobs, decoding: Decoding):
+def _evaluate(task: Task, args, backend, embedded, data, data_setting, out: Path, variants, decoding: Decoding):
     """Load the questions, record the settings and run the harness (``run`` has loaded the backend)."""
     questions = _questions(task, data, backend.recipe.name, out, args)
     max_new_tokens = args.max_new_tokens or (embedded.max_new_tokens(task.free_text) if embedded else None) \
@@ -295,7 +311,7 @@ def _evaluate(task: Task, args, backend, embedded, data, data_setting, out: Path
         **task.settings(),
     }
     plan = harness.Run(
-        backend=backend, questions=questions, out_dir=out, methods=knobs, settings=settings,
+        backend=backend, questions=questions, out_dir=out, methods=variants, settings=settings,
         batch_size=args.batch_size or (embedded.batch_size if embedded else 1), max_new_tokens=max_new_tokens,
         overwrite=args.overwrite, progress=not args.no_progress, decoding=decoding,
     )

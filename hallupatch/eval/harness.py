@@ -106,8 +106,30 @@ def _trace_summary(trace, sample: int, passes: int) -> Optional[Dict[str, Any]]:
     return {"passes": len(own), "triggered_passes": sum(x is not None for x in own), "trigger_layers": own}
 
 
-def answer_record(q: Question, generated: Mapping[str, Any], trace: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """One line of ``answers.jsonl`` (LLaVA's answer fields ``question_id, prompt, text`` plus ours)."""
+def _method_records(model, method: str, sample: int, passes: int) -> Dict[str, Any]:
+    """What the method did for one sample of the latest ``generate()``, as answer-record fields:
+    ``memvr`` (trigger layer per pass) and ``dola_layers`` (the premature hidden-state index per step).
+    Only discrete decisions are recorded: answers files stay byte-identical across batch sizes."""
+    import hallupatch
+
+    parts = method.split("+")
+    fields: Dict[str, Any] = {}
+    if "memvr" in parts:
+        trace = hallupatch.get_trace(model, "memvr")
+        summary = _trace_summary(trace, sample, passes)
+        if summary is not None:
+            fields["memvr"] = summary
+    if "dola" in parts:
+        layers = hallupatch.get_trace(model, "dola").layers()
+        if sample < len(layers):
+            fields["dola_layers"] = layers[sample][:passes]
+    return fields
+
+
+def answer_record(q: Question, generated: Mapping[str, Any], trace: Optional[Dict[str, Any]] = None,
+                  method_fields: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """One line of ``answers.jsonl`` (LLaVA's answer fields ``question_id, prompt, text`` plus ours;
+    ``method_fields`` from :func:`_method_records`, ``trace``: a MemVR summary given directly)."""
     record = {
         "question_id": q.qid,
         "image_id": q.image_id,
@@ -122,6 +144,7 @@ def answer_record(q: Question, generated: Mapping[str, Any], trace: Optional[Dic
             record[key] = generated[key]
     if trace is not None:
         record["memvr"] = trace
+    record.update(method_fields or {})
     return record
 
 
@@ -149,12 +172,13 @@ def answer_questions(
     batch_size: int = 1,
     max_new_tokens: Optional[int] = None,
     proc: Distributed = Distributed(),
-    trace: bool = False,
+    method: str = "none",
     progress: bool = True,
 ) -> int:
     """Answer this process's shard of ``questions`` not yet in ``out_dir``, appending as it goes.
 
-    Returns the number of answers produced now. ``trace=True`` records MemVR's trace per answer.
+    Returns the number of answers produced now. ``method``: the method applied to the model, whose
+    trace each answer records (:func:`_method_records`).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
@@ -169,16 +193,12 @@ def answer_questions(
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 outputs = backend.generate(batch, max_new_tokens)
-                t = None
-                if trace:
-                    import hallupatch
-
-                    t = hallupatch.get_trace(backend.model)
                 records = []
                 for i, (q, out) in enumerate(zip(batch, outputs)):
                     out = dict(out, prompt=backend.prompt(q))
-                    summary = _trace_summary(t, i, out.get("new_tokens", 0)) if t is not None else None
-                    records.append(answer_record(q, out, summary))
+                    fields = _method_records(backend.model, method, i, out.get("new_tokens", 0)) \
+                        if method != "none" else None
+                    records.append(answer_record(q, out, method_fields=fields))
                 writer.write(records)
                 produced += len(records)
                 bar.update(len(records))
@@ -242,6 +262,15 @@ def report(task: Task, scores: Mapping[str, Any], out_dir: Path, timing: Optiona
 
 
 # --------------------------------------------------------------------------- one run
+@dataclass(frozen=True)
+class Variant:
+    """One method with its knobs; a run keys its variants by a label (the method's name, or e.g.
+    ``"memvr threshold 0"`` when one method runs in several settings)."""
+
+    method: str
+    knobs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
 @dataclass
 class Run:
     """What a run of one task needs besides the task: the answering model and the generation settings.
@@ -254,7 +283,7 @@ class Run:
     backend: Any
     questions: List[Question]
     out_dir: Path
-    methods: Dict[str, Dict[str, Any]]
+    methods: Dict[str, Variant]
     settings: Dict[str, Any]
     batch_size: int = 1
     max_new_tokens: Optional[int] = None
@@ -263,9 +292,14 @@ class Run:
     decoding: Decoding = GREEDY
 
 
-def method_folder(run: Run, method: str) -> Path:
-    """Each method of a multi-method run answers into its own folder; a single method uses the output folder."""
-    return run.out_dir if len(run.methods) == 1 else run.out_dir / method.replace("+", "-")
+def method_folder_name(label: str) -> str:
+    """The sub-folder of a variant in a multi-method run (``memvr+dola`` -> ``memvr-dola``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label.replace("+", "-"))
+
+
+def method_folder(run: Run, label: str) -> Path:
+    """Each variant of a multi-method run answers into its own folder; a single one uses the output folder."""
+    return run.out_dir if len(run.methods) == 1 else run.out_dir / method_folder_name(label)
 
 
 @contextlib.contextmanager
@@ -304,8 +338,9 @@ def evaluate(task: Task, run: Run) -> tuple:
     proc = current_process()
     results: Dict[str, Optional[Dict[str, Any]]] = {}
     with question_style(run.backend, task.free_text):
-        for method, knobs in run.methods.items():
-            out = method_folder(run, method)
+        for label, variant in run.methods.items():
+            method, knobs = variant.method, variant.knobs
+            out = method_folder(run, label)
             settings = {**run.settings, "method": method, "knobs": dict(knobs)}
             open_run(out, settings, proc, overwrite=run.overwrite, on_main=lambda: task.prepare_output(out))
             run.backend.decoding = run.decoding
@@ -314,18 +349,18 @@ def evaluate(task: Task, run: Run) -> tuple:
                 start = time.perf_counter()
                 produced = answer_questions(
                     task.answering(run.backend), run.questions, out, batch_size=run.batch_size,
-                    max_new_tokens=run.max_new_tokens, proc=proc, trace="memvr" in method.split("+"),
+                    max_new_tokens=run.max_new_tokens, proc=proc, method=method,
                     progress=run.progress,
                 )
                 elapsed = time.perf_counter() - start
             proc.barrier()
             if not proc.is_main:
-                results[method] = None
+                results[label] = None
                 continue
             if len(run.methods) > 1:
-                print(f"== {task.name}, method {method}")
-            results[method] = finish(task, run.questions, out, settings)
-            report(task, results[method], out, (produced, elapsed, proc.world))
+                print(f"== {task.name}, {label}")
+            results[label] = finish(task, run.questions, out, settings)
+            report(task, results[label], out, (produced, elapsed, proc.world))
     comparison = None
     if len(run.methods) > 1 and proc.is_main:
         texts = {m: {qid: r["text"] for qid, r in merge_answers(method_folder(run, m), [q.qid for q in run.questions]).items()}

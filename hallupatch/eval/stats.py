@@ -30,6 +30,16 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple:
+    """The 95% Wilson score interval of a proportion (``(nan, nan)`` without trials)."""
+    if trials <= 0:
+        return float("nan"), float("nan")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return centre - half, centre + half
+
+
 def mcnemar_counts(first: Sequence[bool], second: Sequence[bool]) -> Dict[str, int]:
     """``b`` (first right, second wrong) and ``c`` (first wrong, second right) of paired outcomes."""
     if len(first) != len(second):

@@ -48,7 +48,7 @@ def _annotation_images(instance_files: Sequence[Path]) -> Dict[int, Tuple[str, s
 
 def load_chair(data: PathLike, num_images: Optional[int] = CHAIR_NUM_IMAGES, seed: int = 0,
                image_ids: Optional[Sequence[int]] = None, annotations: Optional[PathLike] = None,
-               need_images: bool = True) -> ChairData:
+               need_images: bool = True, words: Optional[ChairWords] = None) -> ChairData:
     """CHAIR data from a COCO folder: ``<data>/annotations/{instances,captions}_<split>.json`` and the
     images in ``<data>/<split>/`` (e.g. ``val2014/``).
 
@@ -76,7 +76,7 @@ def load_chair(data: PathLike, num_images: Optional[int] = CHAIR_NUM_IMAGES, see
             raise DataError(f"CHAIR image not found: {path}")
         questions.append(Question(qid=str(imid), group="chair", image_id=str(imid), image_name=name,
                                   question=CHAIR_PROMPT, answer="", image=str(path), source=str(path)))
-    gt = coco_ground_truth(inst_files, cap_files, image_ids=image_ids)
+    gt = coco_ground_truth(inst_files, cap_files, words=words, image_ids=image_ids)
     return ChairData(questions, gt, list(image_ids))
 
 
@@ -94,9 +94,10 @@ def read_chair_answers(path: PathLike) -> List[Tuple[int, str]]:
     return pairs
 
 
-def score_chair_pairs(pairs: Sequence[Tuple[int, str]], ground_truth: Mapping[int, set]) -> Tuple[dict, List[dict]]:
-    """``(scores, per-caption details)`` for ``(image_id, caption)`` pairs."""
-    result = score_captions(pairs, ground_truth, ChairWords())
+def score_chair_pairs(pairs: Sequence[Tuple[int, str]], ground_truth: Mapping[int, set],
+                      words: Optional[ChairWords] = None) -> Tuple[dict, List[dict]]:
+    """``(scores, per-caption details)`` for ``(image_id, caption)`` pairs (``words``: default COCO's)."""
+    result = score_captions(pairs, ground_truth, words or ChairWords())
     return {"benchmark": "chair", **result.metrics()}, [c.to_dict() for c in result.captions]
 
 
@@ -124,6 +125,8 @@ class CHAIR(Task):
         group.add_argument("--num-images", type=int, default=CHAIR_NUM_IMAGES,
                            help=f"images drawn from the annotations (default {CHAIR_NUM_IMAGES}; 0 = all)")
         group.add_argument("--annotations", help="COCO annotations folder (default DATA/annotations)")
+        group.add_argument("--objects", help="the object vocabulary: a file of 'object, synonym, synonym...' lines "
+                           "(first entry = the object's name), as the shipped COCO table (the default)")
 
     @property
     def sample_seed(self) -> int:
@@ -133,7 +136,17 @@ class CHAIR(Task):
     def settings(self):
         args = self.args
         return {"num_images": args.num_images, "seed": self.sample_seed, "prompt": CHAIR_PROMPT,
-                "annotations": str(Path(args.annotations).resolve()) if args.annotations else None}
+                "annotations": str(Path(args.annotations).resolve()) if args.annotations else None,
+                "objects": str(Path(args.objects).resolve()) if args.objects else None}
+
+    def embedded_data(self, work_dir: Path):
+        """The lab's COCO-format scenes; their object vocabulary comes with them (unless --objects is given)."""
+        from hallupatch.lab import writers
+
+        root = writers.write_coco(Path(work_dir) / "lab_data" / "coco", split="test")
+        if self.args.objects is None:
+            self.args.objects = str(root / writers.CHAIR_VOCABULARY_FILE)
+        return root, "embedded:lab-coco-test"
 
     def load(self, data, recipe, out_dir, answers):
         args = self.args
@@ -147,8 +160,9 @@ class CHAIR(Task):
             ids = [int(i) for i in json.loads(saved.read_text(encoding="utf-8"))]
         else:
             ids = None
+        self.words = ChairWords.from_file(args.objects)
         self.data = load_chair(data, num_images=args.num_images or None, seed=self.sample_seed, image_ids=ids,
-                               annotations=args.annotations, need_images=answers is None)
+                               annotations=args.annotations, need_images=answers is None, words=self.words)
         return self.data.questions
 
     def prepare_output(self, out_dir):
@@ -164,7 +178,7 @@ class CHAIR(Task):
 
     def score(self, questions, texts):
         chosen = self._pairs(questions, texts)
-        scores, details = score_chair_pairs(chosen, self.data.ground_truth)
+        scores, details = score_chair_pairs(chosen, self.data.ground_truth, self.words)
         return with_counts(scores, chosen, self.pairs or questions), details
 
     def table(self, scores):
@@ -174,7 +188,7 @@ class CHAIR(Task):
         return {k: (float("nan") if scores[k] is None else scores[k] * 100) for k in ("CHAIRs", "CHAIRi", "Recall")}
 
     def item_stats(self, questions, texts):
-        result = score_captions(self._pairs(questions, texts), self.data.ground_truth, ChairWords())
+        result = score_captions(self._pairs(questions, texts), self.data.ground_truth, self.words)
         return {str(c.image_id): caption_stats(c) for c in result.captions}
 
     def metrics_from_stats(self, sums, count):

@@ -222,9 +222,9 @@ class MME(Task):
                  "folder, parquet/arrow files, or a cached hub name such as lmms-lab/MME)")
 
     def embedded_data(self, work_dir: Path):
-        from hallupatch.eval import sample
+        from hallupatch.lab import writers
 
-        return sample.write_mme_sample(work_dir / "sample_data"), f"embedded:mme-sample-v{sample.SAMPLE_VERSION}"
+        return writers.write_mme(Path(work_dir) / "lab_data" / "mme", split="test"), "embedded:lab-mme-test"
 
     def load(self, data, recipe, out_dir, answers):
         return load_mme(data, need_images=answers is None)

@@ -169,6 +169,11 @@ class POPE(Task):
         folder = self.args.image_folder
         return {"image_folder": str(Path(folder).resolve()) if folder else None, "splits": self.args.splits}
 
+    def embedded_data(self, work_dir: Path):
+        from hallupatch.lab import writers
+
+        return writers.write_pope(Path(work_dir) / "lab_data" / "pope", split="test"), "embedded:lab-pope-test"
+
     def load(self, data, recipe, out_dir, answers):
         if getattr(self.args, "question_file", None) and answers is None:
             raise ValueError("--question-file maps the ids of an answers file made elsewhere: use it with --answers")

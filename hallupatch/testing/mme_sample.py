@@ -1,4 +1,5 @@
-"""The embedded default: a small MME-format sample drawn deterministically, and a tiny LLaVA.
+"""A small synthetic MME-format sample, drawn deterministically: test data for the MME loaders, the
+harness and the throughput benchmark (the built-in evaluation data is the lab's, ``hallupatch.lab``).
 
 ``write_mme_sample(root)`` writes synthetic images (coloured shapes on a background) with two yes/no
 questions each (one true, one false, as MME pairs them), in the released folder layout: most
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple, Union
 
@@ -120,37 +120,3 @@ def _write_sample(root: Path) -> None:
     (root / f".hallupatch_sample_v{SAMPLE_VERSION}").write_text(
         "synthetic MME-format sample written by hallupatch.eval\n", encoding="utf-8"
     )
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """The model ``python -m hallupatch.eval`` uses without ``--model``, with the run settings it needs.
-
-    ``answer_tokens`` / ``caption_tokens``: generation lengths for yes/no and free-text tasks;
-    ``method_knobs``: per method, knobs that replace the published defaults on this model (e.g. MemVR's
-    layer window, which the published 5..16 would exceed).
-    """
-
-    name: str
-    build: Callable[[], object]
-    batch_size: int
-    answer_tokens: int
-    caption_tokens: int
-    method_knobs: Dict[str, Dict[str, object]] = field(default_factory=dict)
-
-    def max_new_tokens(self, free_text: bool) -> int:
-        return self.caption_tokens if free_text else self.answer_tokens
-
-
-def tiny_backend(seed: int = 0):
-    """The embedded model: :func:`hallupatch.testing.tiny.tiny_llava` behind the llava-hf backend."""
-    from hallupatch.eval.models import RECIPES, LlavaHFBackend
-    from hallupatch.testing.tiny import tiny_llava
-
-    model, processor = tiny_llava(seed=seed)
-    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=f"tiny-llava-seed{seed}")
-
-
-# the random tiny model rarely stops by itself: 8 tokens hold any yes/no, 24 a short caption
-EMBEDDED = EmbeddedModel("tiny-llava", tiny_backend, batch_size=8, answer_tokens=8, caption_tokens=24,
-                         method_knobs={"memvr": {"starting_layer": 0, "ending_layer": 3}})

@@ -1,0 +1,45 @@
+"""The built-in model of ``python -m hallupatch.eval`` (no ``--model``): the lab's trained tiny LLaVA.
+
+The lab (``hallupatch.lab``) is a synthetic world of shape scenes with a planted language-prior
+hallucination and a llava-hf model trained on it, shipped with the package; each benchmark task writes
+the lab's data in its official layout when no ``--data`` is given (``Task.embedded_data``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """The model used without ``--model``, with the run settings it needs.
+
+    ``answer_tokens`` / ``caption_tokens``: generation lengths for yes/no and free-text tasks;
+    ``method_knobs``: per method, knobs that replace the published defaults on this model (e.g. MemVR's
+    layer window, which the published 5..16 would exceed).
+    """
+
+    name: str
+    build: Callable[[], object]
+    batch_size: int
+    answer_tokens: int
+    caption_tokens: int
+    method_knobs: Dict[str, Dict[str, object]] = field(default_factory=dict)
+
+    def max_new_tokens(self, free_text: bool) -> int:
+        return self.caption_tokens if free_text else self.answer_tokens
+
+
+def lab_backend():
+    """The shipped lab checkpoint behind the llava-hf backend (it was trained on LLaVA-1.5's prompt)."""
+    from hallupatch.eval.models import RECIPES, LlavaHFBackend
+    from hallupatch.lab import load_lab_model
+
+    model, processor = load_lab_model()
+    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name="hallupatch-lab")
+
+
+# The lab's decoder has 6 layers: MemVR checks after layers 1..4 and retraces in layers 2..5.
+LAB = EmbeddedModel("hallupatch-lab", lab_backend, batch_size=32, answer_tokens=4, caption_tokens=24,
+                    method_knobs={"memvr": {"starting_layer": 0, "ending_layer": 5}})
+EMBEDDED = LAB

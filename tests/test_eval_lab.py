@@ -1,0 +1,78 @@
+"""The lab as the built-in default of the benchmark commands, and `python -m hallupatch.eval lab`."""
+import json
+import math
+
+import pytest
+
+from hallupatch.eval import cli, harness, stats
+from hallupatch.eval.chair import ChairWords, coco_ground_truth, load_synonyms, score_captions
+from hallupatch.eval.scoring import parse_pope_answer
+from hallupatch.eval.store import read_answers
+
+
+def test_two_word_objects_of_another_vocabulary(tmp_path):
+    table = tmp_path / "objects.txt"
+    table.write_text("red circle, red circles\nblue square, blue squares\n")
+    words = ChairWords.from_file(table)
+    _, found = words.mentions("Two red circles and a blue square; no green square.")
+    assert found == [("red circles", "red circle"), ("blue square", "blue square")]
+    # COCO's table is unchanged by the option: "bus" stays a bus, "dining table" one object
+    coco = ChairWords.from_file(None)
+    assert [c for _, c in coco.mentions("A bus next to a dining table.")[1]] == ["bus", "dining table"]
+
+
+def test_wilson_interval_against_the_formula():
+    low, high = stats.wilson_interval(8, 10)
+    z = 1.959963984540054
+    p, n = 0.8, 10
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert (low, high) == pytest.approx((centre - half, centre + half))
+    assert all(math.isnan(v) for v in stats.wilson_interval(0, 0))
+
+
+@pytest.mark.parametrize("benchmark", ["mme", "pope", "chair"])
+def test_the_lab_is_the_default_model_and_data(benchmark, tmp_path):
+    out = tmp_path / benchmark
+    scores = cli.run([benchmark, "--output", str(out), "--limit", "12", "--no-progress"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"] == "embedded:hallupatch-lab" and run["data"] == f"embedded:lab-{ {'chair': 'coco'}.get(benchmark, benchmark)}-test"
+    answers = read_answers(out / "answers.jsonl")
+    assert len(answers) == 12
+    if benchmark == "pope":
+        right = sum(parse_pope_answer(a["text"]) == a["answer"] for a in answers)
+        assert scores["splits"]["random"]["accuracy"] == pytest.approx(right / 12)
+    if benchmark == "chair":  # scored with the lab's own object vocabulary, recomputed here
+        vocabulary = out / "lab_data" / "coco" / "lab_chair_objects.txt"
+        assert run["objects"] == str(vocabulary.resolve())
+        words = ChairWords(load_synonyms(vocabulary))
+        annotations = out / "lab_data" / "coco" / "annotations"
+        gt = coco_ground_truth([annotations / "instances_val2014.json"], [annotations / "captions_val2014.json"],
+                               words=words)
+        again = score_captions([(int(a["image_id"]), a["text"]) for a in answers], gt, words)
+        assert scores["CHAIRs"] == again.chair_s and scores["num_mentions"] == again.num_mentions
+
+
+def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys):
+    out = tmp_path / "lab"
+    result = cli.run(["lab", "--output", str(out), "--limit", "6", "--threshold", "0.2", "--no-progress"])
+    printed = capsys.readouterr().out
+    labels = ["none", "memvr", "memvr threshold 0", "memvr threshold 0.2 (dev)", "dola low", "dola high",
+              "dola low +norm", "dola high +norm", "memvr+dola"]
+    for benchmark, test in (("pope", "McNemar"), ("chair", "bootstrap")):
+        comparison = json.loads((out / benchmark / "comparison.json").read_text())
+        assert list(comparison["methods"]) == labels and test in comparison["test"]
+        assert comparison == result[benchmark]["comparison"]
+        for label in labels:
+            folder = out / benchmark / harness.method_folder_name(label)
+            assert len(read_answers(folder / "answers.jsonl")) == 6
+        settings = json.loads((out / benchmark / harness.method_folder_name("memvr threshold 0") / "run.json").read_text())
+        assert settings["method"] == "memvr" and settings["knobs"]["entropy_threshold"] == 0.0
+    # threshold 0 fires at the first checked layer in every pass (what a diffuse logit lens does)
+    fired = read_answers(out / "pope" / harness.method_folder_name("memvr threshold 0") / "answers.jsonl")
+    assert all(set(a["memvr"]["trigger_layers"]) == {1} for a in fired)
+    assert all(a["memvr_entropies"] for a in read_answers(out / "pope" / "memvr" / "answers.jsonl"))
+    assert all("dola_layers" in a for a in read_answers(out / "pope" / "dola-low" / "answers.jsonl"))
+    png = (out / "lab.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "memvr threshold 0" in printed and "McNemar" in printed
