@@ -94,7 +94,7 @@ def language_batch(processor, step: int, batch_size: int, seed: int = 0,
     """
     tokenizer = processor.tokenizer
     scenes = [world.make_scene("train", step * batch_size + j) for j in range(batch_size)]
-    shape_ids = set(tokenizer.convert_tokens_to_ids(list(world.SHAPES)))
+    shape_ids = set(tokenizer.convert_tokens_to_ids(list(world.SHAPES) + list(world.OBJECTS))) - {tokenizer.unk_token_id}
     rows, labels = [], []
     for j, scene in enumerate(scenes):
         rng = np.random.default_rng([world.WORLD_SEED, 99, seed, step, j])
