@@ -87,7 +87,7 @@ def language_batch(processor, step: int, batch_size: int, seed: int = 0,
     ``labels`` (``-100`` except on the answer tokens and the closing EOS).
 
     ``answer_relay``: on yes/no questions, the answer is also the target at every prompt position from
-    the asked object's shape word to the end of the prompt. Generation never reads those positions' outputs;
+    the asked object's token to the end of the prompt. Generation never reads those positions' outputs;
     the targets make the model compute the answer next to the object's words and pass it on token by token
     to the answer position. Without them the answer position learned to attend to the fixed suffix only
     and yes/no stayed at chance (1400 steps).
