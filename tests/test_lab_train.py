@@ -83,13 +83,15 @@ def test_answer_relay_targets_follow_the_asked_object():
     relay = language_batch(processor, step=1, batch_size=8, answer_relay=True)
     assert torch.equal(plain["input_ids"], relay["input_ids"])
     yes_no = {tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")}
-    shapes = set(tok.convert_tokens_to_ids(["circle", "square", "triangle", "cross"]))
+    from hallupatch.lab.world import OBJECTS
+
+    objects = set(tok.convert_tokens_to_ids(list(OBJECTS)))  # one token per object
     for ids, lab_plain, lab_relay in zip(plain["input_ids"], plain["labels"], relay["labels"]):
         answer = [int(t) for t in lab_plain[lab_plain != -100]]
         extra = (lab_relay != -100) & (lab_plain == -100)
         if answer[0] in yes_no:
             first = int(extra.nonzero()[0])
-            assert int(ids[first - 1]) in shapes  # from the shape word's position on
+            assert int(ids[first - 1]) in objects  # from the asked object's position on
             assert set(lab_relay[extra].tolist()) == {answer[0]} and bool(extra[first:int(extra.nonzero()[-1]) + 1].all())
         else:
             assert not extra.any()  # captions: no relay targets

@@ -58,10 +58,10 @@ def hallucinated_mention_rate(captions: Sequence[str], scenes: Sequence) -> floa
 
 def entropy_profile(model, processor, qs: Sequence[lab_questions.YesNo], batch_size: int = 50) -> Dict[int, Dict[str, float]]:
     """MemVR's normalised top-10 entropy after each checked layer on the prefill pass of the yes/no
-    answers (``{layer: {"mean", "max"}}``), read from ``hallupatch.get_trace`` with the default
-    threshold (0.75), which does not fire on the lab, so every checked layer is recorded."""
+    answers (``{layer: {"mean", "max"}}``), read from ``hallupatch.get_trace`` with threshold 1.0, which
+    can never be exceeded (the normalised entropy is at most 1), so every checked layer is recorded."""
     values: Dict[int, List[float]] = {}
-    with hallupatch.patched(model, method="memvr", **MEMVR_LAYERS):
+    with hallupatch.patched(model, method="memvr", entropy_threshold=1.0, **MEMVR_LAYERS):
         for start in range(0, len(qs), batch_size):
             chunk = qs[start:start + batch_size]
             texts = [lab_text.prompt(q.pope_text + lab_text.SHORT_ANSWER) for q in chunk]

@@ -24,6 +24,7 @@ CAPTION_PROMPTS = ("Describe the image.", "Please describe this image in detail.
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 _FIXED_TEXT = " ".join([SYSTEM, "user assistant", SHORT_ANSWER, YES_NO_SUFFIX, *QUESTION_FORMS, *CAPTION_PROMPTS])
+OBJECT_TOKENS = True
 HARD_NEGATIVE_RATE = 0.5  # how often a "no" question asks for the absent partner of a present trigger
 CAPTION_RATE = 0.25
 
@@ -57,6 +58,12 @@ def build_tokenizer():
         padding_side="left", add_bos_token=True, add_eos_token=False,
     )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if OBJECT_TOKENS:
+        # one token per object ("red circle"): the asked object is then one position whose own embedding
+        # names it, instead of a colour word whose identity is diluted across the sequence
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(o, single_word=True, normalized=True) for o in OBJECTS])
     return tokenizer
 
 

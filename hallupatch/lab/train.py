@@ -87,14 +87,14 @@ def language_batch(processor, step: int, batch_size: int, seed: int = 0,
     ``labels`` (``-100`` except on the answer tokens and the closing EOS).
 
     ``answer_relay``: on yes/no questions, the answer is also the target at every prompt position from
-    the asked object's shape word to the end of the prompt. Generation never reads those positions' outputs;
+    the asked object's token to the end of the prompt. Generation never reads those positions' outputs;
     the targets make the model compute the answer next to the object's words and pass it on token by token
     to the answer position. Without them the answer position learned to attend to the fixed suffix only
     and yes/no stayed at chance (1400 steps).
     """
     tokenizer = processor.tokenizer
     scenes = [world.make_scene("train", step * batch_size + j) for j in range(batch_size)]
-    shape_ids = set(tokenizer.convert_tokens_to_ids(list(world.SHAPES)))
+    shape_ids = set(tokenizer.convert_tokens_to_ids(list(world.SHAPES) + list(world.OBJECTS))) - {tokenizer.unk_token_id}
     rows, labels = [], []
     for j, scene in enumerate(scenes):
         rng = np.random.default_rng([world.WORLD_SEED, 99, seed, step, j])
