@@ -5,6 +5,7 @@ import math
 import pytest
 
 from hallupatch.eval import cli, harness, stats
+from hallupatch.eval.embedded import builtin_model
 from hallupatch.eval.chair import ChairWords, coco_ground_truth, load_synonyms, score_captions
 from hallupatch.eval.scoring import parse_pope_answer
 from hallupatch.eval.store import read_answers
@@ -31,18 +32,18 @@ def test_wilson_interval_against_the_formula():
     assert all(math.isnan(v) for v in stats.wilson_interval(0, 0))
 
 
-@pytest.mark.parametrize("benchmark", ["mme", "pope", "chair"])
-def test_the_lab_is_the_default_model_and_data(benchmark, tmp_path):
-    out = tmp_path / benchmark
-    scores = cli.run([benchmark, "--output", str(out), "--limit", "12", "--no-progress"])
+@pytest.mark.parametrize("task_name", ["mme", "pope", "chair"])
+def test_the_lab_is_the_default_model_and_data(task_name, tmp_path):
+    out = tmp_path / task_name
+    scores = cli.run([task_name, "--output", str(out), "--limit", "12", "--no-progress"])
     run = json.loads((out / "run.json").read_text())
-    assert run["model"] == "embedded:hallupatch-lab" and run["data"] == f"embedded:lab-{ {'chair': 'coco'}.get(benchmark, benchmark)}-test"
+    assert run["model"] == f"embedded:{builtin_model().name}" and run["data"] == f"embedded:lab-{ {'chair': 'coco'}.get(task_name, task_name)}-test"
     answers = read_answers(out / "answers.jsonl")
     assert len(answers) == 12
-    if benchmark == "pope":
+    if task_name == "pope":
         right = sum(parse_pope_answer(a["text"]) == a["answer"] for a in answers)
         assert scores["splits"]["random"]["accuracy"] == pytest.approx(right / 12)
-    if benchmark == "chair":  # scored with the lab's own object vocabulary, recomputed here
+    if task_name == "chair":  # scored with the lab's own object vocabulary, recomputed here
         vocabulary = out / "lab_data" / "coco" / "lab_chair_objects.txt"
         assert run["objects"] == str(vocabulary.resolve())
         words = ChairWords(load_synonyms(vocabulary))
@@ -53,16 +54,30 @@ def test_the_lab_is_the_default_model_and_data(benchmark, tmp_path):
         assert scores["CHAIRs"] == again.chair_s and scores["num_mentions"] == again.num_mentions
 
 
-def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def lab_checkpoint(tmp_path_factory):
+    """A lab checkpoint trained for a few steps (the suite's plumbing, not its figures)."""
+    from hallupatch.lab.train import TrainConfig, train
+
+    return train(tmp_path_factory.mktemp("lab") / "ckpt", TrainConfig.quick(), progress=False)
+
+
+def test_the_lab_suite_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
+    assert cli.main(["lab", "--model", str(tmp_path / "none"), "--output", str(tmp_path / "out")]) == 2
+    assert "python -m hallupatch.lab train --out DIR" in capsys.readouterr().err
+
+
+def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys, lab_checkpoint):
     out = tmp_path / "lab"
-    result = cli.run(["lab", "--output", str(out), "--limit", "6", "--threshold", "0.2", "--no-progress"])
+    result = cli.run(["lab", "--model", str(lab_checkpoint), "--output", str(out), "--limit", "6",
+                      "--threshold", "0.2", "--no-progress"])
     printed = capsys.readouterr().out
     labels = ["none", "memvr", "memvr threshold 0", "memvr threshold 0.2 (dev)", "dola low", "dola high",
               "dola low +norm", "dola high +norm", "memvr+dola"]
     for benchmark, test in (("pope", "McNemar"), ("chair", "bootstrap")):
         comparison = json.loads((out / benchmark / "comparison.json").read_text())
         assert list(comparison["methods"]) == labels and test in comparison["test"]
-        assert comparison == result[benchmark]["comparison"]
+        assert json.dumps(comparison, sort_keys=True) == json.dumps(result[benchmark]["comparison"], sort_keys=True)
         for label in labels:
             folder = out / benchmark / harness.method_folder_name(label)
             assert len(read_answers(folder / "answers.jsonl")) == 6
@@ -71,7 +86,8 @@ def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys
     # threshold 0 fires at the first checked layer in every pass (what a diffuse logit lens does)
     fired = read_answers(out / "pope" / harness.method_folder_name("memvr threshold 0") / "answers.jsonl")
     assert all(set(a["memvr"]["trigger_layers"]) == {1} for a in fired)
-    assert all(a["memvr_entropies"] for a in read_answers(out / "pope" / "memvr" / "answers.jsonl"))
+    profile = json.loads((out / "entropy_profile.json").read_text())
+    assert list(profile) == ["1", "2", "3", "4"] and all(0 <= v["mean"] <= v["max"] <= 1 for v in profile.values())
     assert all("dola_layers" in a for a in read_answers(out / "pope" / "dola-low" / "answers.jsonl"))
     png = (out / "lab.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

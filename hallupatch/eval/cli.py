@@ -55,9 +55,10 @@ def _prior(text: str):
 DESCRIPTION = """\
 Evaluate a multimodal model on a hallucination benchmark, scored as the official tools score it.
 
-With no --model and no --data, `python -m hallupatch.eval mme|pope|chair` runs the built-in model, the
-lab's tiny LLaVA trained on a synthetic world with a planted hallucination, on the lab's data written in
-the benchmark's official layout, in seconds; `python -m hallupatch.eval lab` compares every method on it.
+With no --model and no --data, `python -m hallupatch.eval mme|pope|chair` runs the built-in model on the
+lab's data (a synthetic world with a planted hallucination) written in the benchmark's official layout,
+in seconds; `python -m hallupatch.eval lab` compares every method on a lab model. The built-in model is
+the lab's trained checkpoint once it ships with the package, until then a tiny random LLaVA.
 
 Real runs:
   python -m hallupatch.eval mme  --model path/to/llava-1.5-7b-hf --data MME_Benchmark_release_version
@@ -251,7 +252,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
         models.resolve_device(args.device)   # refused before any data is read
     task: Task = get_task(args.benchmark)(args)
     methods = list(variants) if variants is not None else parse_methods(args.method)
-    embedded = builtin.EMBEDDED if args.model is None and backend is None else None
+    embedded = builtin.builtin_model() if args.model is None and backend is None else None
     model_name = embedded.name if embedded else (backend.name if backend else Path(args.model).name)
     if args.output is None:
         tag = f"answers-{Path(args.answers).stem}" if args.answers else f"{model_name}-{args.method}"

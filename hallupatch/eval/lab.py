@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from hallupatch.eval.embedded import LAB, LAB_MEMVR_WINDOW
 from hallupatch.eval.harness import Variant
 from hallupatch.eval.stats import wilson_interval
 
@@ -22,26 +23,30 @@ BENCHMARKS = ("pope", "chair")
 DEFAULT_OUTPUT = Path("hallupatch_output") / "lab"
 DEV_QUESTIONS = 100          # dev questions per threshold when choosing MemVR's threshold
 CAPTION_IMAGES = 100         # lab CHAIR images captioned per method
+PROFILE_QUESTIONS = 100      # questions per POPE split for the entropy profile
 ENTROPY_CEILING = math.log(2) / math.log(10)   # normalised top-10 entropy once the mass is on {yes, no}
 SUMMARY = "every method on the lab (POPE and CHAIR, test split), side by side, with a plot"
 
 
 def variants(dev_threshold: float) -> Dict[str, Variant]:
-    """The settings compared (labels -> variants); MemVR's window comes from the built-in model."""
+    """The settings compared (labels -> variants); MemVR checks after the lab's layers 1..4."""
+    window = dict(LAB_MEMVR_WINDOW)
     return {
         "none": Variant("none"),
-        "memvr": Variant("memvr"),                                         # published threshold 0.75
-        "memvr threshold 0": Variant("memvr", {"entropy_threshold": 0.0}),  # fires at the first checked layer
-        f"memvr threshold {dev_threshold:g} (dev)": Variant("memvr", {"entropy_threshold": dev_threshold}),
+        "memvr": Variant("memvr", window),                                  # published threshold 0.75
+        "memvr threshold 0": Variant("memvr", {**window, "entropy_threshold": 0.0}),  # fires at once
+        f"memvr threshold {dev_threshold:g} (dev)": Variant("memvr", {**window, "entropy_threshold": dev_threshold}),
         "dola low": Variant("dola", {"candidate_layers": "low"}),           # published: no final norm
         "dola high": Variant("dola", {"candidate_layers": "high"}),
         "dola low +norm": Variant("dola", {"candidate_layers": "low", "early_exit_norm": True}),
         "dola high +norm": Variant("dola", {"candidate_layers": "high", "early_exit_norm": True}),
-        "memvr+dola": Variant("memvr+dola", {"entropy_threshold": dev_threshold, "candidate_layers": "low"}),
+        "memvr+dola": Variant("memvr+dola", {**window, "entropy_threshold": dev_threshold, "candidate_layers": "low"}),
     }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a lab checkpoint folder (python -m hallupatch.lab train --out DIR); "
+                        "default: the one shipped in the package")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"results folder (default {DEFAULT_OUTPUT})")
     parser.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
     parser.add_argument("--threshold", type=float, help="MemVR's tuned threshold (default: chosen on the dev split)")
@@ -50,17 +55,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="no lab.png")
 
 
-def choose_threshold(out: Path) -> float:
+def lab_backend(model_dir: Optional[str]):
+    """The lab model behind the llava-hf backend (it was trained on LLaVA-1.5's prompt)."""
+    from hallupatch.eval.models import RECIPES, LlavaHFBackend
+    from hallupatch.lab import CHECKPOINT_DIR, load_lab_model
+
+    folder = Path(model_dir) if model_dir else CHECKPOINT_DIR
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no lab checkpoint in {folder}: this installation ships none yet (see the README's lab section); "
+            "train one with `python -m hallupatch.lab train --out DIR` and pass --model DIR")
+    model, processor = load_lab_model(folder)
+    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=folder.name)
+
+
+def choose_threshold(out: Path, backend) -> float:
     """MemVR's threshold with the best adversarial accuracy on the lab's dev split (saved, so a rerun
     resumes with the same choice)."""
     saved = out / "dev_threshold.json"
     if saved.is_file():
         return float(json.loads(saved.read_text(encoding="utf-8"))["threshold"])
-    from hallupatch.lab import load_lab_model
     from hallupatch.lab.measure import choose_threshold as on_dev
 
-    model, processor = load_lab_model()
-    threshold, scores = on_dev(model, processor, DEV_QUESTIONS)
+    threshold, scores = on_dev(backend.model, backend.processor, DEV_QUESTIONS)
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps({"threshold": threshold, "dev_adversarial_accuracy": {str(k): v for k, v in scores.items()},
                                  "questions": DEV_QUESTIONS}, indent=2) + "\n", encoding="utf-8")
@@ -76,20 +93,40 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f"--limit must be >= 1; got {args.limit}")
     out = Path(args.output)
     check_output_folder(out)
-    threshold = args.threshold if args.threshold is not None else choose_threshold(out)
+    backend = lab_backend(args.model)
+    threshold = args.threshold if args.threshold is not None else choose_threshold(out, backend)
     print(f"MemVR's tuned threshold: {threshold:g} ({'given' if args.threshold is not None else 'chosen on dev'})")
     shared = [*(["--limit", str(args.limit)] if args.limit else []), *(["--overwrite"] if args.overwrite else []),
-              *(["--no-progress"] if args.no_progress else [])]
+              *(["--no-progress"] if args.no_progress else []), "--batch-size", str(LAB.batch_size)]
     results: Dict[str, Any] = {"dev_threshold": threshold}
     for benchmark in BENCHMARKS:
-        extra = ["--num-images", str(CAPTION_IMAGES)] if benchmark == "chair" else []
+        tokens = LAB.max_new_tokens(free_text=benchmark == "chair")
+        extra = ["--max-new-tokens", str(tokens), *(["--num-images", str(CAPTION_IMAGES)] if benchmark == "chair" else [])]
         print(f"\n######## lab {benchmark}")
         results[benchmark] = cli.run([benchmark, "--output", str(out / benchmark), *extra, *shared],
-                                     variants=variants(threshold))
+                                     backend=backend, variants=variants(threshold))
+    profile = entropy_profile(backend, args.limit or PROFILE_QUESTIONS)
+    (out / "entropy_profile.json").write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+    results["entropy_profile"] = profile
+    print("\nMemVR's normalised top-10 entropy on the yes/no answers (0-based layer: mean / max; "
+          f"threshold 0.75, ceiling log 2 / log 10 = {ENTROPY_CEILING:.3f}):")
+    print("  " + "  ".join(f"{layer}: {v['mean']:.3f} / {v['max']:.3f}" for layer, v in profile.items()))
     if not args.no_plot:
         path = plot(out, results)
         print(f"plot: {path}")
     return results
+
+
+def entropy_profile(backend, questions: int) -> Dict[str, Dict[str, float]]:
+    """MemVR's trigger signal after each checked layer on the answer's pass of lab POPE questions
+    (test split: adversarial and random), as ``{layer: {"mean", "max"}}``."""
+    from hallupatch.lab import questions as lab_questions
+    from hallupatch.lab.measure import entropy_profile as measure_profile
+
+    qs = lab_questions.pope_questions("test", "adversarial", questions) + \
+        lab_questions.pope_questions("test", "random", questions)
+    profile = measure_profile(backend.model, backend.processor, qs)
+    return {str(layer): values for layer, values in profile.items()}
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -160,13 +197,10 @@ def plot(out: Path, results: Mapping[str, Any]) -> Path:
     ax.legend(fontsize=8)
 
     ax = axes[1][0]
-    profile: Dict[int, List[float]] = {}
-    for r in _answers(pope_dirs["memvr"]):
-        for layer, h in r.get("memvr_entropies", {}).items():
-            profile.setdefault(int(layer), []).append(h)
-    layers = sorted(profile)
-    ax.plot(layers, [sum(profile[l]) / len(profile[l]) for l in layers], "o-", label="mean")
-    ax.plot(layers, [max(profile[l]) for l in layers], "s--", label="max")
+    profile = results["entropy_profile"]
+    layers = sorted(profile, key=int)
+    ax.plot([int(l) for l in layers], [profile[l]["mean"] for l in layers], "o-", label="mean")
+    ax.plot([int(l) for l in layers], [profile[l]["max"] for l in layers], "s--", label="max")
     ax.axhline(0.75, color="red", linestyle=":", label="published threshold 0.75")
     ax.axhline(ENTROPY_CEILING, color="gray", linestyle="-.", label="log 2 / log 10 = 0.301")
     ax.set_xlabel("0-based decoder layer (checked after it)")
