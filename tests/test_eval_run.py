@@ -123,7 +123,9 @@ def test_main_job_command_in_a_subprocess(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "perception" in done.stdout
-    assert (tmp_path / "hallupatch_output" / "mme-hallupatch-lab-none" / "scores.json").exists()
+    from hallupatch.eval.embedded import builtin_model
+
+    assert (tmp_path / "hallupatch_output" / f"mme-{builtin_model().name}-none" / "scores.json").exists()
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):

@@ -97,7 +97,8 @@ def test_pope_questions_follow_the_definitions():
 
 
 def test_writers_use_the_official_layouts(tmp_path):
-    from hallupatch.eval.tasks import load_mme, load_pope
+    from hallupatch.eval.tasks.mme import load_mme
+    from hallupatch.eval.tasks.pope import load_pope
 
     mme = writers.write_mme(tmp_path / "mme", split="test", images=6)
     qs = load_mme(mme)
