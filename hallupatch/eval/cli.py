@@ -16,7 +16,7 @@ from hallupatch.eval import harness, lab, models
 from hallupatch.eval.data import DataError
 from hallupatch.eval.decoding import GREEDY, Decoding
 from hallupatch.eval.presets import get_preset, preset_help, with_preset
-from hallupatch.eval.store import StoreError, check_output_folder
+from hallupatch.eval.store import StoreError, check_output_folder, folder_name
 from hallupatch.eval.tasks import Task, get_task, registered_tasks
 
 KNOBS = {  # CLI flag -> (config field, type, help)
@@ -186,10 +186,6 @@ def _where(path: str) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else path
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
-
-
 def parse_methods(text: str) -> List[str]:
     """``"none,memvr"`` -> ``["none", "memvr"]``; each one checked (``none`` or a method, or several joined with +)."""
     from hallupatch.methods import parse_method
@@ -215,8 +211,10 @@ def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedM
         raise ValueError(f"method knobs {sorted(given)} need --method memvr (or another method)")
 
     def defaults(method: str) -> Dict[str, Any]:
+        if embedded is None or method == "none":
+            return {}
         out: Dict[str, Any] = {}
-        for part in method.split("+") if embedded is not None and method != "none" else ():
+        for part in method.split("+"):
             out.update(embedded.method_knobs.get(part, {}))
         return out
 
@@ -256,7 +254,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     model_name = embedded.name if embedded else (backend.name if backend else Path(args.model).name)
     if args.output is None:
         tag = f"answers-{Path(args.answers).stem}" if args.answers else f"{model_name}-{args.method}"
-        args.output = str(Path("hallupatch_output") / _slug(f"{args.benchmark}-{tag}"))
+        args.output = str(Path("hallupatch_output") / folder_name(f"{args.benchmark}-{tag}"))
     out = Path(args.output)
     check_output_folder(out)
 

@@ -9,7 +9,8 @@ noise: a check that everything runs).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,14 @@ class EmbeddedModel:
         return self.caption_tokens if free_text else self.answer_tokens
 
 
-def lab_backend():
-    """The shipped lab checkpoint behind the llava-hf backend (it was trained on LLaVA-1.5's prompt)."""
+def lab_backend(path: Optional[Union[str, Path]] = None):
+    """A lab checkpoint (default: the shipped one) behind the llava-hf backend: it was trained on
+    LLaVA-1.5's prompt. A missing checkpoint is ``load_lab_model``'s ``FileNotFoundError``."""
     from hallupatch.eval.models import RECIPES, LlavaHFBackend
     from hallupatch.lab import load_lab_model
 
-    model, processor = load_lab_model()
-    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name="hallupatch-lab")
+    model, processor = load_lab_model(path)
+    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=Path(path).name if path else "hallupatch-lab")
 
 
 def tiny_backend(seed: int = 0):

@@ -29,6 +29,7 @@ from hallupatch.eval.store import (
     check_resumable,
     check_settings,
     finished_ids,
+    folder_name,
     merge_answers,
     prepare_output,
     write_json,
@@ -97,39 +98,33 @@ def check_unique(questions: Sequence[Question]) -> None:
 
 
 # --------------------------------------------------------------------------- answering
-def _trace_summary(trace, sample: int, passes: int) -> Optional[Dict[str, Any]]:
-    """MemVR's record for one sample: per forward pass of its own answer, the trigger layer or None."""
-    layers = trace.trigger_layers()
-    if sample >= len(layers):
-        return None
-    own = layers[sample][:passes]
-    return {"passes": len(own), "triggered_passes": sum(x is not None for x in own), "trigger_layers": own}
-
-
-def _method_records(model, method: str, sample: int, passes: int) -> Dict[str, Any]:
-    """What the method did for one sample of the latest ``generate()``, as answer-record fields:
-    ``memvr`` (trigger layer per pass) and ``dola_layers`` (the premature hidden-state index per step).
-    Only discrete decisions are recorded: answers files stay byte-identical across batch sizes."""
+def method_records(model, method: str, passes: Sequence[int]) -> List[Dict[str, Any]]:
+    """What ``method`` did for each sample of the latest ``generate()`` (``passes[i]``: forward passes
+    of sample ``i``'s own answer), as answer-record fields: ``memvr`` (the trigger layer, or None, per
+    pass) and ``dola_layers`` (the premature hidden-state index per step). Only discrete decisions are
+    recorded, so answers files stay byte-identical across batch sizes. Traces are read once per batch."""
     import hallupatch
 
     parts = method.split("+")
-    fields: Dict[str, Any] = {}
-    if "memvr" in parts:
-        trace = hallupatch.get_trace(model, "memvr")
-        summary = _trace_summary(trace, sample, passes)
-        if summary is not None:
-            fields["memvr"] = summary
-    if "dola" in parts:
-        layers = hallupatch.get_trace(model, "dola").layers()
-        if sample < len(layers):
-            fields["dola_layers"] = layers[sample][:passes]
-    return fields
+    fired = hallupatch.get_trace(model, "memvr").trigger_layers() if "memvr" in parts else None
+    contrasted = hallupatch.get_trace(model, "dola").layers() if "dola" in parts else None
+    records: List[Dict[str, Any]] = []
+    for sample, n in enumerate(passes):
+        fields: Dict[str, Any] = {}
+        if fired is not None and sample < len(fired):
+            own = fired[sample][:n]
+            fields["memvr"] = {"passes": len(own), "triggered_passes": sum(x is not None for x in own),
+                               "trigger_layers": own}
+        if contrasted is not None and sample < len(contrasted):
+            fields["dola_layers"] = contrasted[sample][:n]
+        records.append(fields)
+    return records
 
 
-def answer_record(q: Question, generated: Mapping[str, Any], trace: Optional[Dict[str, Any]] = None,
+def answer_record(q: Question, generated: Mapping[str, Any],
                   method_fields: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """One line of ``answers.jsonl`` (LLaVA's answer fields ``question_id, prompt, text`` plus ours;
-    ``method_fields`` from :func:`_method_records`, ``trace``: a MemVR summary given directly)."""
+    ``method_fields`` from :func:`method_records`)."""
     record = {
         "question_id": q.qid,
         "image_id": q.image_id,
@@ -142,8 +137,6 @@ def answer_record(q: Question, generated: Mapping[str, Any], trace: Optional[Dic
     for key in ("new_tokens", "layer", "candidates"):  # candidates: cycle-consistency ranking (eval/ranking.py)
         if key in generated:
             record[key] = generated[key]
-    if trace is not None:
-        record["memvr"] = trace
     record.update(method_fields or {})
     return record
 
@@ -178,7 +171,7 @@ def answer_questions(
     """Answer this process's shard of ``questions`` not yet in ``out_dir``, appending as it goes.
 
     Returns the number of answers produced now. ``method``: the method applied to the model, whose
-    trace each answer records (:func:`_method_records`).
+    trace each answer records (:func:`method_records`).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
@@ -193,12 +186,10 @@ def answer_questions(
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 outputs = backend.generate(batch, max_new_tokens)
-                records = []
-                for i, (q, out) in enumerate(zip(batch, outputs)):
-                    out = dict(out, prompt=backend.prompt(q))
-                    fields = _method_records(backend.model, method, i, out.get("new_tokens", 0)) \
-                        if method != "none" else None
-                    records.append(answer_record(q, out, method_fields=fields))
+                fields = method_records(backend.model, method, [o.get("new_tokens", 0) for o in outputs]) \
+                    if method != "none" else [None] * len(batch)
+                records = [answer_record(q, dict(out, prompt=backend.prompt(q)), f)
+                           for q, out, f in zip(batch, outputs, fields)]
                 writer.write(records)
                 produced += len(records)
                 bar.update(len(records))
@@ -294,7 +285,7 @@ class Run:
 
 def method_folder_name(label: str) -> str:
     """The sub-folder of a variant in a multi-method run (``memvr+dola`` -> ``memvr-dola``)."""
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label.replace("+", "-"))
+    return folder_name(label.replace("+", "-"))
 
 
 def method_folder(run: Run, label: str) -> Path:

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from hallupatch.eval.embedded import LAB, LAB_MEMVR_WINDOW
+from hallupatch.eval.embedded import LAB, LAB_MEMVR_WINDOW, lab_backend
 from hallupatch.eval.harness import Variant
 from hallupatch.eval.stats import wilson_interval
 
@@ -53,20 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="discard previous answers instead of resuming")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true", help="no lab.png")
-
-
-def lab_backend(model_dir: Optional[str]):
-    """The lab model behind the llava-hf backend (it was trained on LLaVA-1.5's prompt)."""
-    from hallupatch.eval.models import RECIPES, LlavaHFBackend
-    from hallupatch.lab import CHECKPOINT_DIR, load_lab_model
-
-    folder = Path(model_dir) if model_dir else CHECKPOINT_DIR
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no lab checkpoint in {folder}: this installation ships none yet (see the README's lab section); "
-            "train one with `python -m hallupatch.lab train --out DIR` and pass --model DIR")
-    model, processor = load_lab_model(folder)
-    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=folder.name)
 
 
 def choose_threshold(out: Path, backend) -> float:

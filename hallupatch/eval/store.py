@@ -201,6 +201,11 @@ def merge_answers(out_dir: Path, order: Sequence[str]) -> Dict[str, dict]:
     return {r["question_id"]: r for r in rows}
 
 
+def folder_name(text: str) -> str:
+    """``text`` as a folder name: letters, digits, ``-``, ``_`` and ``.`` kept, anything else ``-``."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
+
+
 def write_json(path: Path, data) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

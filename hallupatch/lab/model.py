@@ -92,7 +92,8 @@ def load_lab_model(path: Union[str, Path, None] = None, dtype: torch.dtype = tor
 
     folder = Path(path) if path is not None else CHECKPOINT_DIR
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no lab checkpoint in {folder} (expected config.json and model.safetensors)")
+        raise FileNotFoundError(f"no lab checkpoint in {folder} (expected config.json and model.safetensors); "
+                                "train one with `python -m hallupatch.lab train --out DIR` and pass that folder")
     model = LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=dtype, attn_implementation="eager")
     processor = AutoProcessor.from_pretrained(folder)
     return model.eval(), processor
