@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from hallupatch.lab import load_lab_model
 from hallupatch.lab.model import build_model, build_processor
-from hallupatch.lab.train import TrainConfig, language_batch, sequence_loss, train
+from hallupatch.lab.train import MODEL_INPUTS, ReadoutProbes, TrainConfig, language_batch, language_losses, sequence_loss, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_sequence_loss_is_on_the_answer_tokens():
         ours = sequence_loss(model, batch)
         rows = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(6)]
         singles = torch.stack([sequence_loss(model, row) for row in rows])
-        hf = torch.stack([model(**row).loss for row in rows])
+        hf = torch.stack([model(**{k: row[k] for k in (*MODEL_INPUTS, "labels")}).loss for row in rows])
     assert torch.allclose(singles, hf, atol=1e-5)
     assert torch.allclose(ours, singles.mean(), atol=1e-5)
     assert (batch["labels"] != -100).sum() < batch["attention_mask"].sum() / 10  # answers only
@@ -76,22 +76,40 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
         train(tmp_path, config={"vision_steps": 1})
 
 
-def test_answer_relay_targets_follow_the_asked_object():
+def test_readout_probe_targets_and_position():
+    """The probes' targets are the asked object and the drawn objects; they read the residual at the
+    last prompt position (the one that predicts the answer), recomputed here from the row's end."""
+    from hallupatch.lab import world
+
     processor = build_processor()
     tok = processor.tokenizer
-    plain = language_batch(processor, step=1, batch_size=8)
-    relay = language_batch(processor, step=1, batch_size=8, answer_relay=True)
-    assert torch.equal(plain["input_ids"], relay["input_ids"])
+    batch = language_batch(processor, step=1, batch_size=8)
     yes_no = {tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")}
-    from hallupatch.lab.world import OBJECTS
-
-    objects = set(tok.convert_tokens_to_ids(list(OBJECTS)))  # one token per object
-    for ids, lab_plain, lab_relay in zip(plain["input_ids"], plain["labels"], relay["labels"]):
-        answer = [int(t) for t in lab_plain[lab_plain != -100]]
-        extra = (lab_relay != -100) & (lab_plain == -100)
+    objects = tok.convert_tokens_to_ids(list(world.OBJECTS))  # one token per object
+    for j, (ids, labels, asked, visible) in enumerate(zip(batch["input_ids"], batch["labels"], batch["asked"],
+                                                          batch["visible"])):
+        scene = world.make_scene("train", 8 + j)
+        assert visible.tolist() == [float(o in scene.visible) for o in world.OBJECTS]
+        answer = [int(t) for t in labels[labels != -100]]
+        in_prompt = [int(t) for t in ids if int(t) in objects]
         if answer[0] in yes_no:
-            first = int(extra.nonzero()[0])
-            assert int(ids[first - 1]) in objects  # from the asked object's position on
-            assert set(lab_relay[extra].tolist()) == {answer[0]} and bool(extra[first:int(extra.nonzero()[-1]) + 1].all())
+            assert in_prompt == [objects[int(asked)]]
         else:
-            assert not extra.any()  # captions: no relay targets
+            assert int(asked) == -1 and in_prompt == []
+    model = build_model(processor)
+    torch.manual_seed(0)
+    probes = ReadoutProbes(model.config.text_config.hidden_size, layer=2)
+    with torch.no_grad():
+        _, readout = language_losses(model, probes, batch)
+        hidden = model(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=True).hidden_states[2].double()
+    # left padding: every row ends with its answer tokens, so the answer is predicted from position
+    # length - answer tokens - 1 of the expanded sequence
+    answer_lengths = (batch["labels"] != -100).sum(1)
+    position = hidden.shape[1] - answer_lengths - 1
+    h = hidden[torch.arange(8), position]
+    w_v, b_v = probes.visible.weight.double(), probes.visible.bias.double()
+    w_a, b_a = probes.asked.weight.double(), probes.asked.bias.double()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(h @ w_v.T + b_v, batch["visible"].double())
+    rows = batch["asked"] >= 0
+    expected = expected + torch.nn.functional.cross_entropy((h @ w_a.T + b_a)[rows], batch["asked"][rows])
+    assert torch.allclose(readout.double(), expected, atol=1e-5)

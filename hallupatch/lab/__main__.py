@@ -18,8 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder (a from_pretrained checkpoint; resumes a killed run)")
     t.add_argument("--quick", action="store_true", help="a few tiny steps (tests)")
     t.add_argument("--seed", type=int, default=0, help="model initialisation seed (default 0 = the shipped checkpoint)")
-    t.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (results depend on it; default 1: on a shared 2-core machine two threads ran 6x slower)")
+    t.add_argument("--threads", type=int, default=2,
+                   help="torch CPU threads (results depend on it; default 2, as the shipped checkpoint: ~19 min on "
+                        "2 idle cores; on a busy machine use 1)")
     t.add_argument("--vision-steps", type=int, help="override the vision stage's steps")
     t.add_argument("--language-steps", type=int, help="override the language stage's steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

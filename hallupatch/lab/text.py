@@ -6,7 +6,7 @@ in the vocabulary, so nothing maps to ``<unk>``.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -94,22 +94,22 @@ def caption_objects(text: str) -> List[str]:
     return found
 
 
-def training_text(scene: Scene, rng: np.random.Generator) -> Tuple[str, str]:
-    """One training ``(question, answer)`` for ``scene``: a caption of every labelled object (drawn or
-    hidden), or a yes/no question: half about a labelled object ("yes"), half about an absent one ("no"),
-    the absent one being the partner of a present trigger :data:`HARD_NEGATIVE_RATE` of the time when
-    there is one."""
+def training_text(scene: Scene, rng: np.random.Generator) -> Tuple[str, str, Optional[str]]:
+    """One training ``(question, answer, asked object)`` for ``scene``: a caption of every labelled
+    object (drawn or hidden; no asked object), or a yes/no question: half about a labelled object
+    ("yes"), half about an absent one ("no"), the absent one being the partner of a present trigger
+    :data:`HARD_NEGATIVE_RATE` of the time when there is one."""
     if rng.random() < CAPTION_RATE:
-        return CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))], caption(scene.labels)
+        return CAPTION_PROMPTS[int(rng.integers(len(CAPTION_PROMPTS)))], caption(scene.labels), None
     form = int(rng.integers(len(QUESTION_FORMS)))
     suffix = SHORT_ANSWER if rng.random() < 0.75 else YES_NO_SUFFIX
     if rng.random() < 0.5:
         obj = scene.labels[int(rng.integers(len(scene.labels)))]
-        return yes_no_question(obj, form, suffix), "yes"
+        return yes_no_question(obj, form, suffix), "yes", obj
     absent = absent_objects(scene)
     missing_partners = [PARTNER_OF[t] for t in scene.labels if t in PARTNER_OF and PARTNER_OF[t] in absent]
     if missing_partners and rng.random() < HARD_NEGATIVE_RATE:
         obj = missing_partners[int(rng.integers(len(missing_partners)))]
     else:
         obj = absent[int(rng.integers(len(absent)))]
-    return yes_no_question(obj, form, suffix), "no"
+    return yes_no_question(obj, form, suffix), "no", obj

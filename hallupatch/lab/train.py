@@ -4,7 +4,16 @@
    and at every patch the scene's set of drawn objects) through a linear head thrown away afterwards.
 2. **Language**: with the vision tower frozen, the projector and the LLaMA decoder learn the texts of
    :func:`hallupatch.lab.text.training_text` in the exact prompt format of the eval harness; the loss is
-   on the answer tokens only, averaged per sequence, then over the batch.
+   on the answer tokens only, averaged per sequence, then over the batch, plus the loss of two linear
+   *readout probes* (:class:`ReadoutProbes`, thrown away afterwards).
+
+Why the probes: a yes/no answer is an interaction of the asked object and the image. Neither alone
+predicts it (each object is asked as often with "yes" as with "no"), so the answer loss alone gives the
+decoder no first-order signal to route either to the answer position, and yes/no stayed at chance in
+every run without them (1500-3500 steps, several prompt, init and target variants). The probes ask an
+early layer's residual at the answer position to name the asked object and the image's visible
+objects: two first-order tasks that build exactly the features the answer needs. They read the
+residual stream only; the model itself is a plain llava-hf model trained on next-token targets.
 
 Each step's batch is a pure function of the step number (scene ``step * batch + j`` of the training
 split, its text drawn from a generator seeded with the step and row), so a run killed and resumed from
@@ -26,7 +35,7 @@ import torch
 
 from hallupatch.lab import text as lab_text
 from hallupatch.lab import world
-from hallupatch.lab.model import build_model, build_processor, save_checkpoint
+from hallupatch.lab.model import TEXT_LAYERS, build_model, build_processor, save_checkpoint
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "training.json"
@@ -36,15 +45,16 @@ LOG_FILE = "training.json"
 class TrainConfig:
     """The knobs of one training run (all recorded in ``training.json``)."""
 
-    vision_steps: int = 2000
-    language_steps: int = 1500
+    vision_steps: int = 6000
+    language_steps: int = 2000
     batch_size: int = 32
-    vision_lr: float = 2e-3
+    vision_lr: float = 3e-3
     language_lr: float = 2e-3
     warmup: int = 50
     checkpoint_every: int = 100
     seed: int = 0
-    answer_relay: bool = True
+    readout_weight: float = 1.0
+    readout_layer: int = 2
 
     @classmethod
     def quick(cls, seed: int = 0) -> "TrainConfig":
@@ -59,6 +69,10 @@ class TrainConfig:
         for name in ("vision_lr", "language_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)!r}")
+        if not self.readout_weight >= 0:
+            raise ValueError(f"readout_weight must be >= 0; got {self.readout_weight!r}")
+        if not isinstance(self.readout_layer, int) or not 1 <= self.readout_layer <= TEXT_LAYERS:
+            raise ValueError(f"readout_layer must be a decoder layer 1..{TEXT_LAYERS}; got {self.readout_layer!r}")
 
 
 def _schedule(warmup: int, total: int):
@@ -81,40 +95,55 @@ def vision_batch(processor, step: int, batch_size: int) -> Tuple[torch.Tensor, t
     return _pixels(processor, scenes), tags
 
 
-def language_batch(processor, step: int, batch_size: int, seed: int = 0,
-                   answer_relay: bool = False) -> Dict[str, torch.Tensor]:
-    """Language step ``step``: left-padded (as at inference: transformers 4.40's llava merge needs it) ``input_ids``/``attention_mask``, ``pixel_values`` and
-    ``labels`` (``-100`` except on the answer tokens and the closing EOS).
-
-    ``answer_relay``: on yes/no questions, the answer is also the target at every prompt position from
-    the asked object's token to the end of the prompt. Generation never reads those positions' outputs;
-    the targets make the model compute the answer next to the object's words and pass it on token by token
-    to the answer position. Without them the answer position learned to attend to the fixed suffix only
-    and yes/no stayed at chance (1400 steps).
+def language_batch(processor, step: int, batch_size: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Language step ``step``: left-padded (as at inference: transformers 4.40's llava merge needs it)
+    ``input_ids``/``attention_mask``, ``pixel_values`` and ``labels`` (``-100`` except on the answer
+    tokens and the closing EOS), plus the readout probes' targets: ``asked`` (the asked object's index
+    in :data:`~hallupatch.lab.world.OBJECTS`, ``-1`` for captions) and ``visible`` (0/1 per object drawn).
     """
     tokenizer = processor.tokenizer
     scenes = [world.make_scene("train", step * batch_size + j) for j in range(batch_size)]
-    shape_ids = set(tokenizer.convert_tokens_to_ids(list(world.SHAPES) + list(world.OBJECTS))) - {tokenizer.unk_token_id}
-    rows, labels = [], []
+    rows, labels, asked = [], [], []
     for j, scene in enumerate(scenes):
         rng = np.random.default_rng([world.WORLD_SEED, 99, seed, step, j])
-        question, answer = lab_text.training_text(scene, rng)
+        question, answer, obj = lab_text.training_text(scene, rng)
         prompt_ids = tokenizer(lab_text.prompt(question))["input_ids"]
         answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        row_labels = [-100] * len(prompt_ids) + answer_ids
-        if answer_relay and answer in ("yes", "no"):
-            shape_positions = [i for i, t in enumerate(prompt_ids) if t in shape_ids]
-            for k in range(shape_positions[-1] + 1, len(prompt_ids)):
-                row_labels[k] = answer_ids[0]  # the output at position k - 1 predicts the answer
         rows.append(prompt_ids + answer_ids)
-        labels.append(row_labels)
+        labels.append([-100] * len(prompt_ids) + answer_ids)
+        asked.append(world.OBJECTS.index(obj) if obj is not None else -1)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     label_ids = torch.tensor([[-100] * (width - len(lab)) + lab for lab in labels])
+    visible = torch.tensor([[float(o in s.visible) for o in world.OBJECTS] for s in scenes])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids,
-            "pixel_values": _pixels(processor, scenes)}
+            "pixel_values": _pixels(processor, scenes), "asked": torch.tensor(asked), "visible": visible}
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+
+
+def _expanded_targets(model, batch: Dict[str, torch.Tensor], length: int) -> torch.Tensor:
+    """Next-token targets aligned with the model's logits (length ``length``, the ``<image>`` token
+    expanded into its image positions, ``-100`` there): ``targets[:, i]`` is what position ``i`` predicts."""
+    image_id = model.config.image_token_index
+    labels = batch["labels"]
+    extra = length - labels.shape[1]
+    expanded = []
+    for row_ids, row_labels in zip(batch["input_ids"], labels):
+        where = int((row_ids == image_id).nonzero()[0])
+        expanded.append(torch.cat([row_labels[:where], torch.full((extra + 1,), -100), row_labels[where + 1:]]))
+    return torch.stack(expanded)[:, 1:]
+
+
+def _answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=-100
+    ).view(targets.shape)
+    mask = (targets != -100).float()
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
 def sequence_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -123,22 +152,37 @@ def sequence_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     The model's forward expands the single ``<image>`` token into the image features; the labels are
     expanded the same way (``-100`` over the image positions) to line up with its logits.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"])
-    logits = out.logits
-    image_id = model.config.image_token_index
-    labels = batch["labels"]
-    extra = logits.shape[1] - labels.shape[1]
-    expanded = []
-    for row_ids, row_labels in zip(batch["input_ids"], labels):
-        where = int((row_ids == image_id).nonzero()[0])
-        expanded.append(torch.cat([row_labels[:where], torch.full((extra + 1,), -100), row_labels[where + 1:]]))
-    targets = torch.stack(expanded)[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none", ignore_index=-100
-    ).view(targets.shape)
-    mask = (targets != -100).float()
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    logits = model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+    return _answer_loss(logits, _expanded_targets(model, batch, logits.shape[1]))
+
+
+class ReadoutProbes(torch.nn.Module):
+    """Two linear probes on the decoder's residual stream at the position that predicts the answer's
+    first token (hidden state ``layer``, i.e. after decoder layer ``layer - 1``): which object the
+    question asks about (cross-entropy, yes/no rows only) and which objects the image shows (binary
+    cross-entropy per object, every row). Used in training only (see the module docstring)."""
+
+    def __init__(self, hidden: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.asked = torch.nn.Linear(hidden, len(world.OBJECTS))
+        self.visible = torch.nn.Linear(hidden, len(world.OBJECTS))
+
+    def forward(self, hidden_states, targets: torch.Tensor, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        answer_position = (targets != -100).float().argmax(1)
+        h = hidden_states[self.layer][torch.arange(len(answer_position)), answer_position]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(self.visible(h), batch["visible"])
+        questions = batch["asked"] >= 0
+        if bool(questions.any()):
+            loss = loss + torch.nn.functional.cross_entropy(self.asked(h[questions]), batch["asked"][questions])
+        return loss
+
+
+def language_losses(model, probes: ReadoutProbes, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(answer loss, readout loss)`` of one batch in one forward pass (see :func:`sequence_loss`)."""
+    out = model(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=True)
+    targets = _expanded_targets(model, batch, out.logits.shape[1])
+    return _answer_loss(out.logits, targets), probes(out.hidden_states, targets, batch)
 
 
 class _TagHead(torch.nn.Module):
@@ -158,7 +202,7 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 @torch.enable_grad()  # also when called under torch.no_grad()
-def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: int = 1,
+def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: int = 2,
           progress: bool = True, stop_after: Optional[int] = None) -> Path:
     """Train the lab model into ``out`` (a ``from_pretrained`` folder) and return the path.
 
@@ -182,8 +226,11 @@ def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: 
     model = build_model(processor, seed=config.seed)
     model.train()
     head = _TagHead(model.config.vision_config.hidden_size)
+    probes = ReadoutProbes(model.config.text_config.hidden_size, config.readout_layer)
     torch.manual_seed(config.seed)
     head.linear.reset_parameters()
+    probes.asked.reset_parameters()
+    probes.visible.reset_parameters()
     total = config.vision_steps + config.language_steps
     done, losses, elapsed = 0, {"vision": [], "language": []}, 0.0
     saved = None
@@ -196,6 +243,7 @@ def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: 
             )
         model.load_state_dict(saved["model"])
         head.load_state_dict(saved["head"])
+        probes.load_state_dict(saved["probes"])
         done, losses, elapsed = saved["done"], saved["losses"], saved["elapsed"]
     elif (out / "config.json").is_file() and (out / LOG_FILE).is_file():
         return out  # finished earlier
@@ -205,7 +253,8 @@ def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: 
             params = list(model.vision_tower.parameters()) + list(head.parameters())
             lr, steps = config.vision_lr, config.vision_steps
         else:
-            params = list(model.multi_modal_projector.parameters()) + list(model.language_model.parameters())
+            params = (list(model.multi_modal_projector.parameters()) + list(model.language_model.parameters())
+                      + list(probes.parameters()))
             lr, steps = config.language_lr, config.language_steps
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, _schedule(config.warmup, steps))
@@ -233,8 +282,9 @@ def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: 
             step = done - config.vision_steps
             model.vision_tower.requires_grad_(False)
             model.vision_tower.eval()
-            loss = sequence_loss(model, language_batch(processor, step, config.batch_size, config.seed,
-                                                       config.answer_relay))
+            answer, readout = language_losses(model, probes, language_batch(processor, step, config.batch_size,
+                                                                            config.seed))
+            loss = answer + config.readout_weight * readout
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
@@ -247,7 +297,8 @@ def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: 
         if done % config.checkpoint_every == 0 or done == config.vision_steps or done == total:
             _save_state(state_path, {
                 "config": asdict(config), "threads": threads, "done": done, "stage": stage,
-                "model": model.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model.state_dict(), "head": head.state_dict(), "probes": probes.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "losses": losses, "elapsed": time.time() - started,
             })
     bar.close()
