@@ -116,9 +116,25 @@ def test_synthetic_mme_sample_end_to_end(tmp_path, capsys, checkpoint, mme_folde
 
 
 def test_main_job_command_in_a_subprocess(tmp_path):
+    """The README's main job (`python -m hallupatch.eval lab`) on the shipped lab checkpoint, shortened."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "hallupatch.eval", "mme", "--limit", "4", "--max-new-tokens", "2", "--no-progress"],
+        [sys.executable, "-m", "hallupatch.eval", "lab", "--limit", "6", "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "hallupatch_output" / "lab"
+    for benchmark in ("pope", "chair"):
+        comparison = json.loads((out / benchmark / "comparison.json").read_text())
+        assert comparison["questions"] == 6 and comparison["baseline"] == "none"
+        assert json.loads((out / benchmark / "none" / "run.json").read_text())["model"] == "embedded:hallupatch-lab"
+    assert (out / "lab.png").read_bytes()[:4] == b"\x89PNG" and "McNemar" in done.stdout
+
+
+def test_the_benchmark_commands_default_to_the_lab(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "hallupatch.eval", "mme", "--limit", "4", "--no-progress"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr

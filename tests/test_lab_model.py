@@ -12,12 +12,6 @@ from hallupatch.lab import text as lt
 
 QUESTIONS = 200
 
-pytestmark = pytest.mark.skipif(
-    not (CHECKPOINT_DIR / "config.json").is_file(),
-    reason="no lab checkpoint shipped in hallupatch/lab/checkpoint/ yet (train one: python -m hallupatch.lab train)",
-)
-
-
 @pytest.fixture(scope="module")
 def lab():
     torch.set_num_threads(1)
@@ -103,3 +97,14 @@ def test_memvr_entropies_on_the_lab_match_a_direct_computation(lab):
         got = torch.tensor([e[layer] for e in trace.entropies], dtype=torch.double)
         assert torch.allclose(got, direct, atol=1e-4)
         assert float(got.max()) < 0.75
+
+
+def test_the_shipped_checkpoint_is_what_train_reproduces():
+    """Its training log records the default recipe: `python -m hallupatch.lab train --out DIR` (2 threads)."""
+    import json
+    from dataclasses import asdict
+
+    from hallupatch.lab.train import LOG_FILE, TrainConfig
+
+    log = json.loads((CHECKPOINT_DIR / LOG_FILE).read_text())
+    assert log["config"] == asdict(TrainConfig()) and log["threads"] == 2

@@ -91,7 +91,7 @@ def test_readout_probe_targets_and_position():
         scene = world.make_scene("train", 8 + j)
         assert visible.tolist() == [float(o in scene.visible) for o in world.OBJECTS]
         answer = [int(t) for t in labels[labels != -100]]
-        in_prompt = [int(t) for t in ids if int(t) in objects]
+        in_prompt = [int(t) for t, target in zip(ids, labels) if int(t) in objects and int(target) == -100]
         if answer[0] in yes_no:
             assert in_prompt == [objects[int(asked)]]
         else:

@@ -2,9 +2,8 @@
 
 The lab (``hallupatch.lab``) is a synthetic world of shape scenes with a planted language-prior
 hallucination, and each benchmark task writes the lab's data in its official layout when no ``--data``
-is given (``Task.embedded_data``). The built-in model is the lab's trained tiny LLaVA once its checkpoint
-ships in ``hallupatch/lab/checkpoint/``; until then it is the tiny random-weight LLaVA (answers are
-noise: a check that everything runs).
+is given (``Task.embedded_data``). The built-in model is the lab's trained tiny LLaVA, shipped in
+``hallupatch/lab/checkpoint/``.
 """
 from __future__ import annotations
 
@@ -43,30 +42,12 @@ def lab_backend(path: Optional[Union[str, Path]] = None):
     return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=Path(path).name if path else "hallupatch-lab")
 
 
-def tiny_backend(seed: int = 0):
-    """:func:`hallupatch.testing.tiny.tiny_llava` (random weights) behind the llava-hf backend."""
-    from hallupatch.eval.models import RECIPES, LlavaHFBackend
-    from hallupatch.testing.tiny import tiny_llava
-
-    model, processor = tiny_llava(seed=seed)
-    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=f"tiny-llava-seed{seed}")
-
-
 # The lab's decoder has 6 layers: MemVR checks after layers 1..4 and retraces in layers 2..5.
 from hallupatch.lab.measure import MEMVR_LAYERS as LAB_MEMVR_WINDOW  # noqa: E402  (one place for the window)
 LAB = EmbeddedModel("hallupatch-lab", lab_backend, batch_size=32, answer_tokens=4, caption_tokens=24,
                     method_knobs={"memvr": LAB_MEMVR_WINDOW})
-# the random tiny model rarely stops by itself: 8 tokens hold any yes/no, 24 a short caption
-TINY = EmbeddedModel("tiny-llava", tiny_backend, batch_size=8, answer_tokens=8, caption_tokens=24,
-                     method_knobs={"memvr": {"starting_layer": 0, "ending_layer": 3}})
-
-
-def lab_checkpoint_shipped() -> bool:
-    from hallupatch.lab import CHECKPOINT_DIR
-
-    return (CHECKPOINT_DIR / "config.json").is_file()
 
 
 def builtin_model() -> EmbeddedModel:
-    """The lab model when its checkpoint is shipped, else the tiny random one."""
-    return LAB if lab_checkpoint_shipped() else TINY
+    """The model of the benchmark commands without ``--model``: the shipped lab checkpoint."""
+    return LAB

@@ -18,7 +18,8 @@ from hallupatch.lab import text as lab_text
 from hallupatch.lab.model import load_lab_model
 
 MEMVR_LAYERS = {"starting_layer": 0, "ending_layer": 5}  # checks 0-based layers 1..4 of 6
-DEV_THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+# the normalised entropy lies in [0, 1]; on the lab's early layers it spans most of that range
+DEV_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def false_yes_rate(questions: Sequence[lab_questions.YesNo], answers: Sequence[str]) -> float:
@@ -159,19 +160,12 @@ def measure(model_path: Optional[str] = None, questions: int = 200, captions: in
     figures["memvr_dev_threshold"] = threshold
     out("== MemVR threshold on dev (adversarial accuracy): "
         + ", ".join(f"{t:g}: {s:.3f}" for t, s in dev_scores.items()) + f" -> {threshold:g}")
-    settings = [
-        ("none", None, {}),
-        ("memvr (threshold 0.75)", "memvr", dict(MEMVR_LAYERS)),
-        ("memvr (threshold 0)", "memvr", dict(MEMVR_LAYERS, entropy_threshold=0.0)),
-        (f"memvr (threshold {threshold:g}, dev)", "memvr", dict(MEMVR_LAYERS, entropy_threshold=threshold)),
-        ("dola low, norm", "dola", {"candidate_layers": "low", "early_exit_norm": True}),
-        ("dola high, norm", "dola", {"candidate_layers": "high", "early_exit_norm": True}),
-        ("dola low, no norm", "dola", {"candidate_layers": "low", "early_exit_norm": False}),
-        ("dola high, no norm", "dola", {"candidate_layers": "high", "early_exit_norm": False}),
-    ]
+    from hallupatch.eval.lab import variants  # the settings `python -m hallupatch.eval lab` compares
+
     rows = {}
-    for name, method, knobs in settings:
-        rows[name] = evaluate_setting(model, processor, "test", questions, captions, method, **knobs)
+    for name, variant in variants(threshold).items():
+        method = None if variant.method == "none" else variant.method
+        rows[name] = evaluate_setting(model, processor, "test", questions, captions, method, **variant.knobs)
     figures["methods"] = rows
     columns = ["adversarial_false_yes", "control_false_yes", "random_accuracy", "adversarial_accuracy",
                "partner_mentions_trigger", "partner_mentions_control", "hallucinated_mentions_trigger"]

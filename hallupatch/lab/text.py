@@ -26,7 +26,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 _FIXED_TEXT = " ".join([SYSTEM, "user assistant", SHORT_ANSWER, YES_NO_SUFFIX, *QUESTION_FORMS, *CAPTION_PROMPTS])
 OBJECT_TOKENS = True
 HARD_NEGATIVE_RATE = 0.5  # how often a "no" question asks for the absent partner of a present trigger
-CAPTION_RATE = 0.25
+CAPTION_RATE = 0.4
 
 
 def _words(text: str) -> List[str]:

@@ -46,7 +46,7 @@ class TrainConfig:
     """The knobs of one training run (all recorded in ``training.json``)."""
 
     vision_steps: int = 6000
-    language_steps: int = 2000
+    language_steps: int = 2500
     batch_size: int = 32
     vision_lr: float = 3e-3
     language_lr: float = 2e-3
