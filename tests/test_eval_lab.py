@@ -83,6 +83,7 @@ def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys
             assert len(read_answers(folder / "answers.jsonl")) == 6
         settings = json.loads((out / benchmark / harness.method_folder_name("memvr threshold 0") / "run.json").read_text())
         assert settings["method"] == "memvr" and settings["knobs"]["entropy_threshold"] == 0.0
+        assert settings["model"] == str(lab_checkpoint.resolve())
     # threshold 0 fires at the first checked layer in every pass (what a diffuse logit lens does)
     fired = read_answers(out / "pope" / harness.method_folder_name("memvr threshold 0") / "answers.jsonl")
     assert all(set(a["memvr"]["trigger_layers"]) == {1} for a in fired)

@@ -127,7 +127,7 @@ def test_main_job_command_in_a_subprocess(tmp_path):
     for benchmark in ("pope", "chair"):
         comparison = json.loads((out / benchmark / "comparison.json").read_text())
         assert comparison["questions"] == 6 and comparison["baseline"] == "none"
-        assert json.loads((out / benchmark / "none" / "run.json").read_text())["model"] == "embedded:hallupatch-lab"
+        assert json.loads((out / benchmark / "none" / "run.json").read_text())["model"] == "hallupatch-lab"
     assert (out / "lab.png").read_bytes()[:4] == b"\x89PNG" and "McNemar" in done.stdout
 
 

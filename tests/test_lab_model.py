@@ -58,7 +58,7 @@ def test_the_planted_hallucination_is_measurable(lab, pope_answers):
 def test_lab_mme_existence_with_the_official_scorer(lab, tmp_path):
     from hallupatch.eval.models import rewrite_question
     from hallupatch.eval.scoring import MMERecord, score_mme
-    from hallupatch.eval.tasks import load_mme
+    from hallupatch.eval.tasks.mme import load_mme
 
     from PIL import Image
 
@@ -75,11 +75,12 @@ def test_lab_mme_existence_with_the_official_scorer(lab, tmp_path):
     assert existence["acc"] == pytest.approx(right) and existence["acc"] >= 0.9
 
 
-def test_memvr_entropies_on_the_lab_match_a_direct_computation(lab):
-    """The trace's per-layer entropies against top-10 entropies of the logit lens computed here; and the
-    0.301 ceiling: on yes/no answers the default threshold never fires."""
+def test_memvr_entropies_and_triggers_on_the_lab_match_a_direct_computation(lab):
+    """The trace's per-layer entropies against top-10 entropies of the unpatched logit lens computed
+    here; each sample fires after the first checked layer above 0.75 (and records no later layer),
+    or never; where the lens has its mass on two words the entropy is under the log 2 / log 10 ceiling."""
     model, processor = lab
-    qs = lq.pope_questions("test", "adversarial", 10)
+    qs = lq.pope_questions("test", "adversarial", 20)
     texts = [lt.prompt(q.pope_text + lt.SHORT_ANSWER) for q in qs]
     inputs = processor(text=texts, images=[q.scene.image() for q in qs], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -88,15 +89,25 @@ def test_memvr_entropies_on_the_lab_match_a_direct_computation(lab):
         with torch.no_grad():
             model(**inputs)
         trace = hallupatch.get_trace(model).passes[0]
-    assert trace.trigger_layer == [None] * len(qs)
-    for layer in range(lm.MEMVR_LAYERS["starting_layer"] + 1, lm.MEMVR_LAYERS["ending_layer"]):
+    checked = range(lm.MEMVR_LAYERS["starting_layer"] + 1, lm.MEMVR_LAYERS["ending_layer"])
+    direct, two_word = {}, {}
+    for layer in checked:
         h = model.language_model.model.norm(hidden[layer + 1][:, -1])
         top = model.language_model.lm_head(h).float().topk(10, dim=-1).values.double()
         p = torch.softmax(top, dim=-1)
-        direct = -(p * p.log()).sum(-1) / math.log(10)
-        got = torch.tensor([e[layer] for e in trace.entropies], dtype=torch.double)
-        assert torch.allclose(got, direct, atol=1e-4)
-        assert float(got.max()) < 0.75
+        direct[layer] = -(p * p.log()).sum(-1) / math.log(10)
+        two_word[layer] = p[:, :2].sum(-1) > 0.9999
+    for i in range(len(qs)):
+        above = [layer for layer in checked if direct[layer][i] > 0.75]
+        expected = above[0] if above else None
+        assert trace.trigger_layer[i] == expected
+        recorded = [layer for layer in checked if expected is None or layer <= expected]
+        assert sorted(trace.entropies[i]) == recorded
+        for layer in recorded:
+            assert trace.entropies[i][layer] == pytest.approx(float(direct[layer][i]), abs=1e-4)
+            if two_word[layer][i]:
+                assert trace.entropies[i][layer] <= math.log(2) / math.log(10) + 1e-3
+    assert any(t is not None for t in trace.trigger_layer)   # the lab's early layers are diffuse
 
 
 def test_the_shipped_checkpoint_is_what_train_reproduces():

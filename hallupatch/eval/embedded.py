@@ -39,7 +39,8 @@ def lab_backend(path: Optional[Union[str, Path]] = None):
     from hallupatch.lab import load_lab_model
 
     model, processor = load_lab_model(path)
-    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=Path(path).name if path else "hallupatch-lab")
+    name = str(Path(path).resolve()) if path else "hallupatch-lab"   # what each run.json records as the model
+    return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=name)
 
 
 # The lab's decoder has 6 layers: MemVR checks after layers 1..4 and retraces in layers 2..5.
