@@ -57,8 +57,8 @@ Evaluate a multimodal model on a hallucination benchmark, scored as the official
 
 With no --model and no --data, `python -m hallupatch.eval mme|pope|chair` runs the built-in model on the
 lab's data (a synthetic world with a planted hallucination) written in the benchmark's official layout,
-in seconds; `python -m hallupatch.eval lab` compares every method on a lab model. The built-in model is
-the lab's trained checkpoint once it ships with the package, until then a tiny random LLaVA.
+in seconds; `python -m hallupatch.eval lab` compares every method on the lab. The built-in model is the
+lab's trained tiny LLaVA, shipped with the package.
 
 Real runs:
   python -m hallupatch.eval mme  --model path/to/llava-1.5-7b-hf --data MME_Benchmark_release_version
