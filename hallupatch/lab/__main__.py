@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quick", action="store_true", help="a few tiny steps (tests)")
     t.add_argument("--seed", type=int, default=0, help="model initialisation seed (default 0 = the shipped checkpoint)")
     t.add_argument("--threads", type=int, default=2,
-                   help="torch CPU threads (results depend on it; default 2, as the shipped checkpoint: ~22 min on "
+                   help="torch CPU threads (results depend on it; default 2, as the shipped checkpoint: ~26 min on "
                         "2 idle cores; on a busy machine use 1)")
     t.add_argument("--vision-steps", type=int, help="override the vision stage's steps")
     t.add_argument("--language-steps", type=int, help="override the language stage's steps")
