@@ -72,7 +72,8 @@ class TrainConfig:
         if not self.readout_weight >= 0:
             raise ValueError(f"readout_weight must be >= 0; got {self.readout_weight!r}")
         if not isinstance(self.readout_layer, int) or not 1 <= self.readout_layer <= TEXT_LAYERS:
-            raise ValueError(f"readout_layer must be a decoder layer 1..{TEXT_LAYERS}; got {self.readout_layer!r}")
+            raise ValueError(f"readout_layer must be a hidden-state index 1..{TEXT_LAYERS} (the residual after "
+                             f"0-based decoder layer readout_layer - 1); got {self.readout_layer!r}")
 
 
 def _schedule(warmup: int, total: int):
