@@ -17,6 +17,22 @@ def tiny_llava_dir(tmp_path_factory):
     return build_tiny_llava_checkpoint(tmp_path_factory.mktemp("tiny-llava"), seed=0, num_layers=TINY_LAYERS)
 
 
+@pytest.fixture(scope="session")
+def backend(tiny_llava_dir):
+    """The eval harness's llava-hf backend on the shared tiny checkpoint (CPU)."""
+    from hallupatch.eval import models
+
+    return models.load_backend(str(tiny_llava_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def mme_folder(tmp_path_factory):
+    """A synthetic MME folder in the released layout (read-only for the tests that share it)."""
+    from hallupatch.testing.mme_sample import write_mme_sample
+
+    return write_mme_sample(tmp_path_factory.mktemp("mme") / "MME_Benchmark_release_version")
+
+
 def load_llava(path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

@@ -645,14 +645,7 @@ def test_idefics2_image_splitting_keeps_the_sub_images_of_a_sample_in_one_memory
     torch.testing.assert_close(batch[1], memory_of([VLM_PROMPTS[1]], [images[2:]])[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def mme_sample(tmp_path_factory):
-    from hallupatch.testing.mme_sample import write_mme_sample
-
-    return write_mme_sample(tmp_path_factory.mktemp("mme") / "MME_Benchmark_release_version")
-
-
-def test_eval_cli_answers_an_mme_sample_with_the_published_prompt(case, checkpoint, mme_sample, tmp_path, monkeypatch):
+def test_eval_cli_answers_an_mme_folder_with_the_published_prompt(case, checkpoint, mme_folder, tmp_path, monkeypatch):
     """``python -m hallupatch.eval mme --model CHECKPOINT`` detects the recipe from config.json, loads the model
     with its processor, and the model receives the published prompt (checked token for token against the
     processor's encoding of the template written out in this file) for every question of a 4-question sample."""
@@ -681,12 +674,12 @@ def test_eval_cli_answers_an_mme_sample_with_the_published_prompt(case, checkpoi
 
     monkeypatch.setattr(models, "load_backend", recording_load)
     out = tmp_path / "out"
-    scores = cli.run(["mme", "--model", str(checkpoint), "--data", str(mme_sample), "--limit", "4", "--batch-size", "2",
+    scores = cli.run(["mme", "--model", str(checkpoint), "--data", str(mme_folder), "--limit", "4", "--batch-size", "2",
                       "--max-new-tokens", "2", "--method", "memvr", "--starting-layer", "0", "--ending-layer",
                       str(LAYERS - 1), "--device", "cpu", "--output", str(out), "--no-progress"])
     answers = read_answers(out / "answers.jsonl")
     assert scores["questions"] == len(answers) == 4 and all("memvr" in a for a in answers)
-    questions = load_mme_folder(mme_sample)[:4]
+    questions = load_mme_folder(mme_folder)[:4]
     short = [q.question.replace(" Please answer yes or no.", "") + "\nAnswer the question using a single word or phrase."
              for q in questions]
     assert [a["prompt"] for a in answers] == short

@@ -4,19 +4,8 @@ import json
 
 import pytest
 
-from hallupatch.eval import cli, models
-from hallupatch.testing.mme_sample import write_mme_sample
+from hallupatch.eval import cli
 from hallupatch.eval.store import StoreError
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_llava_dir):
-    return models.load_backend(str(tiny_llava_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def mme_folder(tmp_path_factory):
-    return write_mme_sample(tmp_path_factory.mktemp("mme") / "MME_Benchmark_release_version")
 
 
 def _args(data, out, *extra):

@@ -9,7 +9,6 @@ import torch
 
 from hallupatch.eval import cli
 from hallupatch.eval.data import DataError, json_lines, read_json
-from hallupatch.testing.mme_sample import write_mme_sample
 
 QUICK = ["--limit", "2", "--max-new-tokens", "2", "--no-progress"]
 
@@ -21,11 +20,6 @@ def one_error_line(capsys, *needles):
     for needle in needles:
         assert needle in err, err
     return err
-
-
-@pytest.fixture(scope="module")
-def mme_folder(tmp_path_factory):
-    return write_mme_sample(tmp_path_factory.mktemp("mme") / "MME_Benchmark_release_version")
 
 
 def test_builtin_model_honours_dtype_and_device(tmp_path, mme_folder):

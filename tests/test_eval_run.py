@@ -13,7 +13,6 @@ from conftest import launch_two_processes
 from hallupatch.engine import get_patch
 from hallupatch.eval import cli, harness, models
 from hallupatch.eval.tasks import get_task
-from hallupatch.testing.mme_sample import write_mme_sample
 from hallupatch.eval.scoring import parse_mme_answer, parse_pope_answer
 from hallupatch.eval.store import StoreError, prepare_output, read_answers
 from hallupatch.eval.data import DataError
@@ -37,16 +36,6 @@ def one_thread():
 def checkpoint(tiny_llava_dir):
     """The suite's shared tiny llava-hf checkpoint (tests/conftest.py), saved with save_pretrained."""
     return tiny_llava_dir
-
-
-@pytest.fixture(scope="session")
-def backend(checkpoint):
-    return models.load_backend(str(checkpoint), device="cpu")
-
-
-@pytest.fixture(scope="session")
-def mme_folder(tmp_path_factory):
-    return write_mme_sample(tmp_path_factory.mktemp("mme") / "MME_Benchmark_release_version")
 
 
 @pytest.fixture(scope="session")
