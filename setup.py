@@ -12,12 +12,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["hallupatch", "hallupatch.eval", "hallupatch.eval.tasks", "hallupatch.methods", "hallupatch.prior",
-              "hallupatch.testing", "hallupatch.lab", "hallupatch.patches", "hallupatch.dropin"],
+              "hallupatch.testing", "hallupatch.lab", "hallupatch.lmms", "hallupatch.patches", "hallupatch.dropin"],
     # The family specs and the drop-in modeling files live at the top level of the repository
     # (the product's layout) and are installed inside the package.
     package_dir={"hallupatch.patches": "patches", "hallupatch.dropin": "modeling"},
     # the lab's trained checkpoint (fp16 safetensors + processor files) ships inside the package
-    package_data={"hallupatch.dropin": ["*.py"], "hallupatch": ["data/*"], "hallupatch.lab": ["checkpoint/*"]},
+    package_data={"hallupatch.dropin": ["*.py"], "hallupatch": ["data/*"], "hallupatch.lab": ["checkpoint/*"],
+                  "hallupatch.lmms": ["lab_tasks/*"]},
     install_requires=[
         "transformers==4.40.0",
         "torch",
@@ -33,5 +34,11 @@ setup(
     ],
     # accelerate: `accelerate launch -m hallupatch.eval` shards a benchmark over processes/GPUs
     # (its PartialState gives rank, world size, device and barriers); the test installs it to check that.
-    extras_require={"test": ["pytest", "accelerate"], "eval": ["accelerate"]},
+    # lmms: hallupatch as an lmms-eval model plug-in (hallupatch/lmms/). lmms-eval 0.7.3 resolves on the
+    # project's pins only with torchvision pinned (otherwise pip upgrades torch and pulls CUDA wheels) and needs
+    # filelock<4 (its evaluator imports filelock._api, removed in filelock 4; pip's resolver does not know).
+    extras_require={"test": ["pytest", "accelerate"], "eval": ["accelerate"],
+                    "lmms": ["lmms-eval==0.7.3", "torchvision==0.28.0", "filelock<4"]},
+    # lmms-eval finds the model `hallupatch` through this entry point (lmms_eval/models/registry_v2.py)
+    entry_points={"lmms_eval.models": ["hallupatch = hallupatch.lmms:manifest"]},
 )
