@@ -94,7 +94,8 @@ def test_mme_answers_and_scores_equal_hallupatch_eval(runs):
         row = rows[doc_id]
         assert sample["filtered_resps"] == memvr[(row["question_id"], row["question"])], row["question"]
     ours = runs["mme"]["methods"]["memvr"]
-    assert runs["lmms"]["hallupatch_lab_mme"]["mme_perception_score,none"] == pytest.approx(ours["perception"], abs=1e-9)
+    lmms_score = runs["lmms"]["hallupatch_lab_mme"]["mme_perception_score,none"]
+    assert lmms_score == pytest.approx(ours["perception"], abs=1e-9)
 
 
 def test_pope_answers_and_scores_equal_hallupatch_eval(runs):

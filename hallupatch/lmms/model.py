@@ -59,7 +59,8 @@ def knob_value(value: Any) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as err:
-            raise ValueError(f"model_args value {value!r} is not valid JSON ({err.msg}); write lists as [16,18,20]") from None
+            raise ValueError(f"model_args value {value!r} is not valid JSON ({err.msg}); "
+                             "write lists as [16,18,20]") from None
     if isinstance(value, str) and value == "None":
         return None
     return value
@@ -254,15 +255,16 @@ class HallupatchLMM(lmms):
         return full[len(head):]
 
     def loglikelihood(self, requests: List[Instance]) -> List[GenerationResult]:
-        """``(loss, is_greedy)`` per request (wrapped in a ``GenerationResult``, see below), lmms-eval's convention: ``loss`` is the continuation's mean
+        """``(loss, is_greedy)`` per request, in lmms-eval's convention: ``loss`` is the continuation's mean
         negative log-likelihood per token (lower = likelier; lmms-eval's multiple-choice scorer takes the
         argmin, as its llava_hf returns the model's loss), ``is_greedy`` whether greedy decoding would
-        produce it.
+        produce it. Each pair is wrapped in a ``GenerationResult`` (see below).
 
         With a method on, the probabilities are the method's: the prompt and image are prefilled as in
         ``generate()`` and the continuation is fed token by token (each a decoding step with the cache),
         so MemVR retraces and layer contrast contrasts exactly as when the model answers; each token's
-        probability is the softmax of the scores greedy decoding would take its argmax from."""
+        probability is the softmax of the scores greedy decoding would take its argmax from. Under layer
+        contrast, a token outside the contrast's plausibility set has probability 0 (an infinite loss)."""
         results: List[Optional[GenerationResult]] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="hallupatch scoring")
         for batch in self._batches(requests, key=lambda r: ""):

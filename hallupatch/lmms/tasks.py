@@ -93,7 +93,7 @@ def write_lab_tasks(folder: Union[str, Path], mme_images: int = 100, pope_questi
     write("hallupatch_lab_mme_choice.yaml.in", "hallupatch_lab_mme_choice.yaml")
     for split in POPE_SPLITS:
         write("hallupatch_lab_pope.yaml.in", f"hallupatch_lab_pope_{split}.yaml", SPLIT=split)
-    (folder / f"{POPE_GROUP}.yaml").write_text(
-        f"group: {POPE_GROUP}\ntask:\n" + "".join(f"  - hallupatch_lab_pope_{s}\n" for s in POPE_SPLITS), encoding="utf-8")
+    members = "".join(f"  - hallupatch_lab_pope_{s}\n" for s in POPE_SPLITS)
+    (folder / f"{POPE_GROUP}.yaml").write_text(f"group: {POPE_GROUP}\ntask:\n{members}", encoding="utf-8")
     (folder / "utils.py").write_text((TEMPLATES / "utils.py").read_text(encoding="utf-8"), encoding="utf-8")
     return folder
