@@ -30,8 +30,8 @@ def record_case(model, processor, case):
     texts = [processor.apply_chat_template(tiny.case_messages(row), tokenize=False, add_generation_prompt=True)
              for row in rows]
     images = [image for row in rows for image in tiny.case_images(row)]
+    out = {"texts": list(texts)}   # a copy: 4.51's processor expands the image placeholders in the given list
     inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-    out = {"texts": texts}
     out.update({key: value for key, value in inputs.items() if key != "pixel_values"})
     if images:   # kept small: exact float64 checksums per patch row, and the first rows' values
         pixels = inputs["pixel_values"]
@@ -39,8 +39,9 @@ def record_case(model, processor, case):
         out["pixel_row_sums"] = pixels.double().sum(dim=1)
         out["pixel_row_square_sums"] = pixels.double().pow(2).sum(dim=1)
     with torch.no_grad():
-        position_ids, deltas = model.get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"), None,
-                                                    inputs["attention_mask"])
+        position_ids, deltas = model.get_rope_index(input_ids=inputs["input_ids"],   # keywords: Qwen2.5-VL's
+                                                    image_grid_thw=inputs.get("image_grid_thw"),   # 4th is not the mask
+                                                    attention_mask=inputs["attention_mask"])
         out["position_ids"], out["rope_deltas"] = position_ids, deltas
         if images:
             out["image_embeds"] = model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
