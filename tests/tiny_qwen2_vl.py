@@ -167,7 +167,7 @@ def tokenizer_config(family: str) -> dict:
     }
 
 
-def hub_config(family: str, tied: bool) -> dict:
+def hub_config(family: str, tied: bool, num_layers: int = TEXT_LAYERS) -> dict:
     ids = token_ids(family)
     config = {
         "architectures": ["Qwen2VLForConditionalGeneration" if family == "qwen2_vl" else "Qwen2_5_VLForConditionalGeneration"],
@@ -184,10 +184,10 @@ def hub_config(family: str, tied: bool) -> dict:
         "initializer_range": 0.02,
         "intermediate_size": INTERMEDIATE,
         "max_position_embeddings": 32768,
-        "max_window_layers": TEXT_LAYERS,
+        "max_window_layers": num_layers,
         "model_type": family,
         "num_attention_heads": HEADS,
-        "num_hidden_layers": TEXT_LAYERS,
+        "num_hidden_layers": num_layers,
         "num_key_value_heads": KV_HEADS,
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0,
@@ -216,9 +216,9 @@ def hub_config(family: str, tied: bool) -> dict:
     return config
 
 
-def weight_shapes(family: str, tied: bool) -> Dict[str, Tuple[int, ...]]:
+def weight_shapes(family: str, tied: bool, num_layers: int = TEXT_LAYERS) -> Dict[str, Tuple[int, ...]]:
     """Every tensor of the hub checkpoint, by name (transformers <= 4.51's in-memory layout)."""
-    config = hub_config(family, tied)
+    config = hub_config(family, tied, num_layers)
     vision = config["vision_config"]
     embed = vision["embed_dim"] if family == "qwen2_vl" else vision["hidden_size"]
     shapes: Dict[str, Tuple[int, ...]] = {"visual.patch_embed.proj.weight": (embed, 3, TEMPORAL_PATCH, PATCH, PATCH)}
@@ -246,7 +246,7 @@ def weight_shapes(family: str, tied: bool) -> Dict[str, Tuple[int, ...]]:
     vocab = config["vocab_size"]
     head_dim = HIDDEN // HEADS
     shapes["model.embed_tokens.weight"] = (vocab, HIDDEN)
-    for i in range(TEXT_LAYERS):
+    for i in range(num_layers):
         p = f"model.layers.{i}."
         shapes.update({
             p + "self_attn.q_proj.weight": (HEADS * head_dim, HIDDEN), p + "self_attn.q_proj.bias": (HEADS * head_dim,),
@@ -263,11 +263,11 @@ def weight_shapes(family: str, tied: bool) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def weights(family: str, tied: bool, seed: int = 0) -> Dict[str, torch.Tensor]:
+def weights(family: str, tied: bool, seed: int = 0, num_layers: int = TEXT_LAYERS) -> Dict[str, torch.Tensor]:
     """Seeded random weights: norms around 1, biases and matrices with enough spread for clear greedy choices."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in weight_shapes(family, tied).items():
+    for name, shape in weight_shapes(family, tied, num_layers).items():
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         if "norm" in name or "ln_q" in name:
             tensors[name] = 1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise
@@ -311,19 +311,20 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build_checkpoint(folder, family: str = "qwen2_vl", tied: bool = False, seed: int = 0) -> Path:
+def build_checkpoint(folder, family: str = "qwen2_vl", tied: bool = False, seed: int = 0,
+                     num_layers: int = TEXT_LAYERS) -> Path:
     """Write a tiny hub-layout checkpoint of ``family`` (``"qwen2_vl"`` or ``"qwen2_5_vl"``) into ``folder``."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = token_ids(family)
-    write_json(folder / "config.json", hub_config(family, tied))
+    write_json(folder / "config.json", hub_config(family, tied, num_layers))
     write_json(folder / "generation_config.json", {
         "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "transformers_version": "4.41.2",
     })
-    write_shards(folder, weights(family, tied, seed))
+    write_shards(folder, weights(family, tied, seed, num_layers))
     write_json(folder / "tokenizer.json", tokenizer_json(family))
     write_json(folder / "tokenizer_config.json", tokenizer_config(family))
     write_json(folder / "vocab.json", base_vocab())
