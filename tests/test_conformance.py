@@ -228,6 +228,8 @@ class Case:
     eval_prompt: Optional[str] = None
     image_size: tuple = (56, 56)
     tied: bool = False            # input and output embeddings shared (Gemma)
+    # how the recipe words an MME question: LLaVA-1.5's short-answer rewrite, or VLMEvalKit's yes/no suffix
+    question_suffix: str = "\nAnswer the question using a single word or phrase."
 
     @property
     def vision(self) -> bool:
@@ -289,6 +291,8 @@ MISTRAL_INSTRUCT = "[INST] <image>\n{question} [/INST]"
 VIP_LLAVA = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
              "detailed, and polite answers to the human's questions.###Human: <image>\n{question}###Assistant:")
 IDEFICS2_CHAT = "User:<image>{question}<end_of_utterance>\nAssistant:"
+QWEN2_VL_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                 "<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
 
 CASES = [
     Case("llava-hf", "LlavaForConditionalGeneration", "llama", _llava_hf, visual_rows=_llava_rows,
@@ -325,10 +329,12 @@ CASES = [
     # Qwen2-VL / Qwen2.5-VL through hallupatch's drop-in files (the architectures need transformers >= 4.45);
     # their layers need M-RoPE position embeddings, so the MemVR reference runs through hooks
     Case("qwen2-vl", "Qwen2VLForConditionalGeneration", "qwen2_vl", _qwen2_vl_builder("qwen2_vl"),
-         load=_qwen2_vl_load, inputs=qwen2_vl_inputs, by_hand=False, recipe="qwen2-vl",
+         load=_qwen2_vl_load, inputs=qwen2_vl_inputs, by_hand=False, recipe="qwen2-vl", eval_prompt=QWEN2_VL_CHAT,
+         question_suffix=" Please answer yes or no.",
          visual_rows=lambda model: placeholder_per_row(model.config.image_token_id)),
     Case("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "qwen2_vl", _qwen2_vl_builder("qwen2_5_vl"),
          load=_qwen2_vl_load, inputs=qwen2_vl_inputs, by_hand=False, recipe="qwen2.5-vl",
+         eval_prompt=QWEN2_VL_CHAT, question_suffix=" Please answer yes or no.",
          visual_rows=lambda model: placeholder_per_row(model.config.image_token_id)),
 ]
 # the original LLaVA repository's class is tested in test_llama_family.py (a stand-in: its package is not a
@@ -724,10 +730,9 @@ def test_eval_cli_answers_an_mme_folder_with_the_published_prompt(case, checkpoi
     answers = read_answers(out / "answers.jsonl")
     assert scores["questions"] == len(answers) == 4 and all("memvr" in a for a in answers)
     questions = load_mme_folder(mme_folder)[:4]
-    short = [q.question.replace(" Please answer yes or no.", "") + "\nAnswer the question using a single word or phrase."
-             for q in questions]
+    short = [q.question.replace(" Please answer yes or no.", "") + case.question_suffix for q in questions]
     assert [a["prompt"] for a in answers] == short
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
     seen = [ids[mask.bool()] for batch_ids, batch_mask in prefills for ids, mask in zip(batch_ids, batch_mask)]
     assert len(seen) == 4
     for ids, question, q in zip(seen, short, questions):
