@@ -86,6 +86,13 @@ def test_matches_transformers_4_51_3(checkpoint, model, recorded, case):
     assert torch.equal(generated.sequences, expected["sequences"])
     torch.testing.assert_close(torch.stack(generated.scores, dim=1), expected["scores"], **CLOSE)
     assert torch.equal(steps, expected["decode_position_ids"])   # rope deltas kept from prefill to decoding
+    if "beam_sequences" in expected:   # beams repeat each sample's patches and grids
+        beams = tiny.CASES[case]["beams"]
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, num_beams=beams,
+                                 num_return_sequences=beams, output_scores=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, expected["beam_sequences"])
+        torch.testing.assert_close(out.sequences_scores, expected["beam_scores"], **CLOSE)
 
 
 def test_eager_attention_gives_the_same_logits(checkpoint, recorded):

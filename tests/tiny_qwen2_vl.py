@@ -361,7 +361,7 @@ CASES = {
     "small_image": {"rows": [[(30, 40, 1), "Describe this image."]]},               # below min_pixels: upscaled
     "large_image": {"rows": [[(200, 150, 2), "What is in the picture?"]]},          # above max_pixels: downscaled
     "two_images": {"rows": [[(56, 84, 3), (100, 70, 4), "Which is brighter?"]]},
-    "padded_batch": {"rows": [[(84, 56, 5), "Is there a cat in the image?"], ["Say hi."]]},   # left padding
+    "padded_batch": {"rows": [[(84, 56, 5), "Is there a cat in the image?"], ["Say hi."]], "beams": 2},   # left padding
     "text_only": {"rows": [["Write a poem about the sea."]]},
     "pixel_limits": {"rows": [[(120, 90, 6), "Describe it."]],
                      "processor_kwargs": {"min_pixels": 28 * 28 * 6, "max_pixels": 28 * 28 * 6}},

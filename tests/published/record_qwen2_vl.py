@@ -56,6 +56,12 @@ def record_case(model, processor, case):
     out["sequences"] = generated.sequences
     out["scores"] = torch.stack(generated.scores, dim=1)        # (batch, steps, vocab)
     out["decode_position_ids"] = torch.stack([p[..., -1] for p in steps[1:]], dim=-1)   # (3, batch, steps - 1)
+    if case.get("beams"):   # beam search repeats each sample's patches (the visual inputs have no batch axis)
+        with torch.no_grad():
+            beams = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                   num_beams=case["beams"], num_return_sequences=case["beams"],
+                                   output_scores=True, return_dict_in_generate=True)
+        out["beam_sequences"], out["beam_scores"] = beams.sequences, beams.sequences_scores
     # clone: a saved view would carry its whole storage into the file
     return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in out.items()}
 
