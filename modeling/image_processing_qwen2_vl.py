@@ -40,6 +40,22 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return new_height, new_width
 
 
+def as_video_list(videos) -> List[list]:
+    """Videos as a list of frame lists: one video may be given as its frames (PIL images or 3-D arrays) or
+    as one 4-D array; several as a list of those."""
+    def is_frame(item) -> bool:
+        return not isinstance(item, (list, tuple)) and getattr(item, "ndim", 3) == 3
+
+    def frames(video) -> list:
+        return list(video) if isinstance(video, (list, tuple)) or getattr(video, "ndim", 0) == 4 else [video]
+
+    if getattr(videos, "ndim", 0) == 4 or (isinstance(videos, (list, tuple)) and videos and is_frame(videos[0])):
+        return [frames(videos)]
+    if isinstance(videos, (list, tuple)) and videos:
+        return [frames(video) for video in videos]
+    raise ValueError("videos must be a list of frames (PIL images or HxWxC arrays), a 4-D array, or a list of those")
+
+
 class Qwen2VLImageProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"]
 
@@ -140,12 +156,9 @@ class Qwen2VLImageProcessor(BaseImageProcessor):
                 grids.append(grid)
             data.update({"pixel_values": np.array(pixel_values), "image_grid_thw": np.array(grids)})
         if videos is not None:
-            videos = videos if isinstance(videos, (list, tuple)) and isinstance(videos[0], (list, tuple, np.ndarray)) \
-                or (isinstance(videos, (list, tuple)) and hasattr(videos[0], "ndim") and videos[0].ndim == 4) \
-                else [videos]
             pixel_values, grids = [], []
-            for frames in videos:
-                patches, grid = self.flatten_patches(list(frames), size, resample, input_data_format)
+            for frames in as_video_list(videos):
+                patches, grid = self.flatten_patches(frames, size, resample, input_data_format)
                 pixel_values.extend(patches)
                 grids.append(grid)
             data.update({"pixel_values_videos": np.array(pixel_values), "video_grid_thw": np.array(grids)})

@@ -718,6 +718,11 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
                     model_kwargs[pixels_key] = torch.cat(
                         [p.repeat(expand_size, 1) for p in torch.split(model_kwargs[pixels_key], patches)])
                 model_kwargs[grid_key] = torch.cat([g.repeat(expand_size, 1) for g in grids])
+                if grid_key == "video_grid_thw" and model_kwargs.get("second_per_grid_ts") is not None:
+                    seconds = list(model_kwargs["second_per_grid_ts"])
+                    bounds = [sum(per_sample[:i]) for i in range(len(per_sample) + 1)]
+                    model_kwargs["second_per_grid_ts"] = [s for i in range(len(per_sample)) for _ in range(expand_size)
+                                                          for s in seconds[bounds[i]:bounds[i + 1]]]
             input_ids = input_ids.repeat_interleave(expand_size, dim=0)
         visual = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
         for key, value in model_kwargs.items():

@@ -19,6 +19,7 @@ CHAT_TEMPLATE_FILE = "chat_template.json"
 TOKENIZER_ARGUMENTS = {"padding", "truncation", "max_length", "pad_to_multiple_of", "return_attention_mask",
                        "return_token_type_ids", "add_special_tokens"}
 IMAGE_ARGUMENTS = {"min_pixels", "max_pixels", "size", "resample"}
+VIDEO_ARGUMENTS = {"fps"}   # Qwen2.5-VL: frames per second of the sampled video frames (default 2.0)
 
 
 class Qwen2VLProcessor(ProcessorMixin):
@@ -91,9 +92,11 @@ class Qwen2VLProcessor(ProcessorMixin):
         return_tensors = kwargs.pop("return_tensors", None)
         image_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in IMAGE_ARGUMENTS}
         text_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in TOKENIZER_ARGUMENTS}
+        video_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in self.video_arguments}
         if kwargs:
-            raise TypeError(f"Qwen2VLProcessor got unexpected arguments {sorted(kwargs)}; tokenizer arguments are "
-                            f"{sorted(TOKENIZER_ARGUMENTS)}, image arguments {sorted(IMAGE_ARGUMENTS)}")
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(kwargs)}; tokenizer arguments are "
+                            f"{sorted(TOKENIZER_ARGUMENTS)}, image arguments {sorted(IMAGE_ARGUMENTS)}, video "
+                            f"arguments {sorted(self.video_arguments)}")
         image_inputs, video_inputs = {}, {}
         merge_length = self.image_processor.merge_size ** 2
         texts = list(text) if isinstance(text, (list, tuple)) else [text]
@@ -102,9 +105,16 @@ class Qwen2VLProcessor(ProcessorMixin):
             texts = self.expand_placeholders(texts, self.image_token, image_inputs["image_grid_thw"], merge_length)
         if videos is not None:
             video_inputs = self.image_processor(images=None, videos=videos, return_tensors=return_tensors, **image_kwargs)
+            video_inputs.update(self.video_timing(video_inputs["video_grid_thw"], **video_kwargs))
             texts = self.expand_placeholders(texts, self.video_token, video_inputs["video_grid_thw"], merge_length)
         text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **text_kwargs)
         return BatchFeature(data={**text_inputs, **image_inputs, **video_inputs})
+
+    video_arguments: set = set()
+
+    def video_timing(self, grids) -> dict:
+        """Extra per-video inputs of the model (Qwen2-VL: none)."""
+        return {}
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -118,4 +128,17 @@ class Qwen2VLProcessor(ProcessorMixin):
 
 
 class Qwen2_5_VLProcessor(Qwen2VLProcessor):
-    """Qwen2.5-VL's processor: the same for images (videos also carry ``second_per_grid_ts``, not built here)."""
+    """Qwen2.5-VL's processor: as Qwen2-VL's, and each video also gets ``second_per_grid_ts`` (seconds per
+    temporal patch: ``temporal_patch_size / fps``), which spaces its time positions."""
+
+    video_arguments = VIDEO_ARGUMENTS
+
+    def video_timing(self, grids, fps=2.0) -> dict:
+        count = len(grids)
+        if isinstance(fps, (int, float)):
+            rates = [fps] * count
+        elif hasattr(fps, "__len__") and len(fps) == count:
+            rates = list(fps)
+        else:
+            raise ValueError(f"fps must be one number or one per video ({count}); got {fps!r}")
+        return {"second_per_grid_ts": [self.image_processor.temporal_patch_size / rate for rate in rates]}

@@ -49,7 +49,9 @@ def case_inputs(processor, case_name: str):
     texts = [processor.apply_chat_template(tiny.case_messages(row), tokenize=False, add_generation_prompt=True)
              for row in rows]
     images = [image for row in rows for image in tiny.case_images(row)]
-    return texts, processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    videos = [video for row in rows for video in tiny.case_videos(row)]
+    return texts, processor(text=texts, images=images or None, videos=videos or None, padding=True,
+                            return_tensors="pt")
 
 
 __all__ = ["AutoModelForCausalLM", "installed_checkpoint", "load_model", "load_processor", "recording",

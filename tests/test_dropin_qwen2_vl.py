@@ -62,9 +62,14 @@ def test_matches_transformers_4_51_3(checkpoint, model, recorded, case):
     texts, inputs = case_inputs(processor, case)
     # the processor: chat template, placeholder expansion, tokens, smart_resize + normalisation + patch order
     assert texts == expected["texts"]
-    for key in ("input_ids", "attention_mask", "image_grid_thw"):
+    for key in ("input_ids", "attention_mask", "image_grid_thw", "video_grid_thw"):
         if key in expected:
             assert torch.equal(inputs[key], expected[key]), key
+    assert inputs.get("second_per_grid_ts") == expected.get("second_per_grid_ts")   # Qwen2.5-VL videos: a list
+    if "video_row_sums" in expected:
+        frames = inputs["pixel_values_videos"].double()
+        torch.testing.assert_close(frames.sum(dim=1), expected["video_row_sums"], rtol=0, atol=1e-9)
+        torch.testing.assert_close(frames.pow(2).sum(dim=1), expected["video_row_square_sums"], rtol=0, atol=1e-9)
     if "pixel_row_sums" in expected:
         pixels = inputs["pixel_values"]
         assert pixels.dtype == torch.float32
@@ -75,11 +80,15 @@ def test_matches_transformers_4_51_3(checkpoint, model, recorded, case):
     with torch.no_grad():
         # M-RoPE: 3-axis positions (images below/above the pixel limits, two images, padding, text only)
         positions, deltas = model.get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"),
-                                                 attention_mask=inputs["attention_mask"])
+                                                 inputs.get("video_grid_thw"), attention_mask=inputs["attention_mask"],
+                                                 second_per_grid_ts=inputs.get("second_per_grid_ts"))
         assert torch.equal(positions, expected["position_ids"]) and torch.equal(deltas, expected["rope_deltas"])
         if "image_embeds" in expected:
             merged = model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
             torch.testing.assert_close(merged, expected["image_embeds"], **CLOSE)
+        if "video_embeds" in expected:
+            merged = model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
+            torch.testing.assert_close(merged, expected["video_embeds"], **CLOSE)
         logits = model(**inputs).logits[:, -tiny.RECORDED_POSITIONS:]
         torch.testing.assert_close(logits, expected["logits"], **CLOSE)
     generated, steps = decode_positions(model, inputs)

@@ -363,6 +363,7 @@ CASES = {
     "two_images": {"rows": [[(56, 84, 3), (100, 70, 4), "Which is brighter?"]]},
     "padded_batch": {"rows": [[(84, 56, 5), "Is there a cat in the image?"], ["Say hi."]], "beams": 2},   # left padding
     "text_only": {"rows": [["Write a poem about the sea."]]},
+    "video": {"rows": [[("video", 4, 84, 56, 7), "What happens in the video?"]]},   # 4 frames: 2 temporal patches
     "pixel_limits": {"rows": [[(120, 90, 6), "Describe it."]],
                      "processor_kwargs": {"min_pixels": 28 * 28 * 6, "max_pixels": 28 * 28 * 6}},
 }
@@ -370,11 +371,24 @@ NEW_TOKENS = 6
 RECORDED_POSITIONS = 8   # prefill logits are recorded at each row's last 8 positions
 
 
+def is_video(item) -> bool:
+    return isinstance(item, tuple) and item[0] == "video"
+
+
 def case_messages(row) -> list:
     """One chat (a user turn) from a case row, in the processor's message format."""
-    content = [{"type": "image"} if isinstance(item, tuple) else {"type": "text", "text": item} for item in row]
-    return [{"role": "user", "content": content}]
+    def entry(item):
+        if is_video(item):
+            return {"type": "video"}
+        return {"type": "image"} if isinstance(item, tuple) else {"type": "text", "text": item}
+    return [{"role": "user", "content": [entry(item) for item in row]}]
 
 
 def case_images(row) -> list:
-    return [test_image(*item) for item in row if isinstance(item, tuple)]
+    return [test_image(*item) for item in row if isinstance(item, tuple) and not is_video(item)]
+
+
+def case_videos(row) -> list:
+    """Each video of the row as a list of PIL frames."""
+    return [[test_image(width, height, seed + frame) for frame in range(frames)]
+            for _, frames, width, height, seed in (item for item in row if is_video(item))]

@@ -30,21 +30,30 @@ def record_case(model, processor, case):
     texts = [processor.apply_chat_template(tiny.case_messages(row), tokenize=False, add_generation_prompt=True)
              for row in rows]
     images = [image for row in rows for image in tiny.case_images(row)]
+    videos = [video for row in rows for video in tiny.case_videos(row)]
     out = {"texts": list(texts)}   # a copy: 4.51's processor expands the image placeholders in the given list
-    inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
-    out.update({key: value for key, value in inputs.items() if key != "pixel_values"})
+    inputs = processor(text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt")
+    out.update({key: value for key, value in inputs.items() if not key.startswith("pixel_values")})
     if images:   # kept small: exact float64 checksums per patch row, and the first rows' values
         pixels = inputs["pixel_values"]
         out["pixel_values_head"] = pixels[:4]
         out["pixel_row_sums"] = pixels.double().sum(dim=1)
         out["pixel_row_square_sums"] = pixels.double().pow(2).sum(dim=1)
+    if videos:
+        pixels = inputs["pixel_values_videos"]
+        out["video_row_sums"] = pixels.double().sum(dim=1)
+        out["video_row_square_sums"] = pixels.double().pow(2).sum(dim=1)
     with torch.no_grad():
+        extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
         position_ids, deltas = model.get_rope_index(input_ids=inputs["input_ids"],   # keywords: Qwen2.5-VL's
                                                     image_grid_thw=inputs.get("image_grid_thw"),   # 4th is not the mask
-                                                    attention_mask=inputs["attention_mask"])
+                                                    video_grid_thw=inputs.get("video_grid_thw"),
+                                                    attention_mask=inputs["attention_mask"], **extra)
         out["position_ids"], out["rope_deltas"] = position_ids, deltas
         if images:
             out["image_embeds"] = model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        if videos:
+            out["video_embeds"] = model.visual(inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"])
         out["logits"] = model(**inputs).logits[:, -tiny.RECORDED_POSITIONS:]
         steps = []
         handle = model.model.register_forward_pre_hook(
