@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForVision2Seq, AutoProcessor
+from transformers import AutoModelForVision2Seq, AutoProcessor
 
 import tiny_qwen2_vl as tiny
 from hallupatch import modeling
@@ -52,7 +52,3 @@ def case_inputs(processor, case_name: str):
     videos = [video for row in rows for video in tiny.case_videos(row)]
     return texts, processor(text=texts, images=images or None, videos=videos or None, padding=True,
                             return_tensors="pt")
-
-
-__all__ = ["AutoModelForCausalLM", "installed_checkpoint", "load_model", "load_processor", "recording",
-           "case_inputs", "tiny"]

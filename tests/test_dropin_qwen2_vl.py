@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, PreTrainedTokenizerBase
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, PreTrainedTokenizerBase
 
 import tiny_qwen2_vl as tiny
 from hallupatch import modeling
 from hallupatch.engine import get_patch
-from qwen2_vl_fixtures import (AutoModelForCausalLM, case_inputs, installed_checkpoint, load_model, load_processor,
-                               recording)
+from qwen2_vl_fixtures import case_inputs, installed_checkpoint, load_model, load_processor, recording
 
 REPO = Path(__file__).resolve().parent.parent
 CLOSE = dict(rtol=1e-5, atol=1e-5)   # measured: every recorded value is reproduced exactly (difference 0.0)

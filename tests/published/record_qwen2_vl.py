@@ -85,7 +85,7 @@ def record(family: str, folder: Path) -> dict:
         key = "tied" if tied else "untied"
         recording[f"weights_digest_{key}"] = tiny.weights_digest(tiny.weights(family, tied))
         recording[f"state_dict_keys_{key}"] = sorted(model.state_dict())
-        recording[f"attn_implementation"] = model.config._attn_implementation
+        recording["attn_implementation"] = model.config._attn_implementation
         for name, case in tiny.CASES.items():
             if tied and name != "two_images":
                 continue
