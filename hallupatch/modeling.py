@@ -257,13 +257,13 @@ def restore(checkpoint: Union[str, Path]) -> List[Path]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hallupatch.modeling", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    install_cmd = commands.add_parser("install", help="install the drop-in modeling file and MemVR config block")
+    install_cmd = commands.add_parser("install", help="install the drop-in modeling file(s) and the MemVR config block")
     install_cmd.add_argument("checkpoint", type=Path)
     install_cmd.add_argument("--memvr-ratio", type=float, help="retracing_ratio in [0, 1] (default: family's)")
     install_cmd.add_argument("--memvr-threshold", type=float, help="entropy_threshold >= 0 (default: family's)")
     install_cmd.add_argument("--memvr-start", type=int, help="starting_layer, 0-based (default: family's)")
     install_cmd.add_argument("--memvr-end", type=int, help="ending_layer, 0-based (default: family's)")
-    restore_cmd = commands.add_parser("restore", help="put the original modeling file and config.json back")
+    restore_cmd = commands.add_parser("restore", help="put the checkpoint folder back as it was before install")
     restore_cmd.add_argument("checkpoint", type=Path)
     args = parser.parse_args(argv)
     try:

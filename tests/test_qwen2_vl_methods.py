@@ -114,3 +114,29 @@ def test_a_branch_with_its_own_cache_keeps_the_main_positions(loaded):
     assert torch.equal(alone.sequences, mixed.sequences)
     for a, b in zip(alone.scores, mixed.scores):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("task_name", ["pope", "chair"])
+def test_benchmarks_run_with_the_qwen2_vl_recipe(task_name, tmp_path):
+    """POPE and CHAIR on the lab's data through the detected recipe, unpatched and with MemVR: yes/no
+    questions end with VLMEvalKit's suffix, caption prompts are asked as they are."""
+    import json
+
+    from hallupatch.eval import cli
+    from hallupatch.eval.store import read_answers
+
+    path = installed_checkpoint(tmp_path / "q", "qwen2_vl")
+    out = tmp_path / task_name
+    cli.run([task_name, "--model", str(path), "--limit", "4", "--batch-size", "2", "--max-new-tokens", "3",
+             "--device", "cpu", "--output", str(out), "--no-progress", "--method", "none,memvr",
+             "--starting-layer", "0", "--ending-layer", "3"])
+    for method in ("none", "memvr"):
+        folder = out / method
+        run = json.loads((folder / "run.json").read_text())
+        assert run["recipe"] == "qwen2-vl"
+        prompts = [a["prompt"] for a in read_answers(folder / "answers.jsonl")]
+        assert len(prompts) == 4
+        if task_name == "pope":
+            assert all(p.endswith("in the image? Please answer yes or no.") for p in prompts)
+        else:
+            assert set(prompts) == {"Please describe this image in detail."}
