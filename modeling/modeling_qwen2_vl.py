@@ -637,9 +637,12 @@ class Qwen2VLForConditionalGeneration(Qwen2VLPreTrainedModel):
             if stored is None and past_length:
                 stored = self.rope_deltas
             if (cache_position is not None and cache_position[0] == 0) or stored is None or past_length == 0:
-                if input_ids is None:
-                    raise ValueError("the prefill needs input_ids to place the M-RoPE positions of the images")
-                position_ids, deltas = self.get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                if input_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
+                    raise ValueError("the prefill needs input_ids to place the M-RoPE positions of the images "
+                                     "(or pass position_ids of shape (3, batch, length))")
+                ids = input_ids if input_ids is not None else torch.zeros(inputs_embeds.shape[:2], dtype=torch.long,
+                                                                          device=inputs_embeds.device)
+                position_ids, deltas = self.get_rope_index(ids, image_grid_thw, video_grid_thw, attention_mask,
                                                            second_per_grid_ts=second_per_grid_ts)
                 self.rope_deltas = deltas
                 if past_key_values is not None:

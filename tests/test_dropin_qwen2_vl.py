@@ -187,6 +187,17 @@ def test_processor_needs_the_auto_processor_entry(checkpoint, family, tmp_path):
     assert isinstance(AutoProcessor.from_pretrained(bare, trust_remote_code=True), PreTrainedTokenizerBase)
 
 
+def test_text_prompt_given_as_embeddings(checkpoint, model):
+    processor = load_processor(checkpoint)
+    _, inputs = case_inputs(processor, "padded_batch")
+    text_row = {key: inputs[key][1:] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = model(**text_row).logits
+        embeds = model.get_input_embeddings()(text_row["input_ids"])
+        got = model(inputs_embeds=embeds, attention_mask=text_row["attention_mask"]).logits
+    assert torch.equal(got, expected)
+
+
 def test_image_tokens_that_do_not_match_the_images_are_refused(checkpoint, model):
     processor = load_processor(checkpoint)
     _, inputs = case_inputs(processor, "small_image")
