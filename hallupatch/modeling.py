@@ -1,15 +1,21 @@
-"""Install hallupatch's drop-in modeling files into Qwen-VL-Chat / GLM-4V-9b checkpoint folders.
+"""Install hallupatch's drop-in modeling files into checkpoint folders.
 
     python -m hallupatch.modeling install CHECKPOINT_DIR [--memvr-ratio R --memvr-threshold T
                                                           --memvr-start S --memvr-end E]
     python -m hallupatch.modeling restore CHECKPOINT_DIR
 
-``install`` detects the family from ``config.json`` (``model_type`` ``"qwen"`` or ``"chatglm"``), keeps the
-checkpoint's modeling file as ``<name>.orig`` (once: a second install never overwrites the backup), copies
-our file over it and writes a ``"hallupatch"`` block into ``config.json`` (the previous ``config.json`` is
-kept as ``config.json.orig``). The model then applies MemVR by itself when loaded with
-``AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR, trust_remote_code=True)``. ``restore`` puts both
-originals back.
+``install`` detects the family from ``config.json``'s ``model_type``:
+
+* ``"qwen"`` (Qwen-VL-Chat) and ``"chatglm"`` (GLM-4V-9b) ship their own modeling file: it is kept as
+  ``<name>.orig`` (once: a second install never overwrites the backup) and ours is copied over it.
+* ``"qwen2_vl"`` and ``"qwen2_5_vl"`` (Qwen2-VL / Qwen2.5-VL hub checkpoints, which transformers 4.40 cannot
+  load) get our model, configuration, image processor and processor files, and ``auto_map`` entries in
+  ``config.json`` (AutoConfig, AutoModelForVision2Seq, AutoModelForCausalLM) and ``preprocessor_config.json``
+  (AutoImageProcessor, AutoProcessor). Files the folder did not have are listed in ``hallupatch_install.json``.
+
+Either way a ``"hallupatch"`` block goes into ``config.json`` (every edited file is first kept as
+``<name>.orig``), so the model applies MemVR by itself when loaded with ``from_pretrained(CHECKPOINT_DIR,
+trust_remote_code=True)``. No weight file is touched. ``restore`` puts the folder back byte for byte.
 """
 from __future__ import annotations
 
@@ -24,7 +30,34 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch import nn
 
+# families whose checkpoints ship a modeling file that ours replaces
 MODELING_FILES = {"qwen": "modeling_qwen.py", "chatglm": "modeling_chatglm.py"}
+# families whose hub checkpoints have no code (transformers >= 4.45 has them built in): the files we add, and
+# the auto_map entries that point transformers 4.40 at them
+QWEN2_VL_SHARED = ["configuration_qwen2_vl.py", "image_processing_qwen2_vl.py", "processing_qwen2_vl.py",
+                   "modeling_qwen2_vl.py"]
+HUB_NATIVE = {
+    "qwen2_vl": {
+        "files": QWEN2_VL_SHARED,
+        "config": {"AutoConfig": "configuration_qwen2_vl.Qwen2VLConfig",
+                   "AutoModelForVision2Seq": "modeling_qwen2_vl.Qwen2VLForConditionalGeneration",
+                   "AutoModelForCausalLM": "modeling_qwen2_vl.Qwen2VLForConditionalGeneration"},
+        "preprocessor": {"AutoImageProcessor": "image_processing_qwen2_vl.Qwen2VLImageProcessor",
+                         "AutoProcessor": "processing_qwen2_vl.Qwen2VLProcessor"},
+    },
+    "qwen2_5_vl": {
+        "files": QWEN2_VL_SHARED + ["modeling_qwen2_5_vl.py"],
+        "config": {"AutoConfig": "configuration_qwen2_vl.Qwen2_5_VLConfig",
+                   "AutoModelForVision2Seq": "modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration",
+                   "AutoModelForCausalLM": "modeling_qwen2_5_vl.Qwen2_5_VLForConditionalGeneration"},
+        "preprocessor": {"AutoImageProcessor": "image_processing_qwen2_vl.Qwen2VLImageProcessor",
+                         "AutoProcessor": "processing_qwen2_vl.Qwen2_5_VLProcessor"},
+    },
+}
+# the hallupatch family spec (patches/) that validates each model_type's config block
+SPEC_NAMES = {"qwen": "qwen", "chatglm": "chatglm", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+MANIFEST = "hallupatch_install.json"   # the files install added (restore deletes them)
 BACKUP_SUFFIX = ".orig"
 
 
@@ -61,20 +94,23 @@ def detect_family(checkpoint: Union[str, Path]) -> str:
             'an object like {"model_type": "qwen", ...}'
         )
     model_type = config.get("model_type")
-    if model_type not in MODELING_FILES:
+    if model_type not in MODELING_FILES and model_type not in HUB_NATIVE:
         raise InstallError(
-            f"{config_path} has model_type {model_type!r}; the installer supports Qwen-VL-Chat (model_type 'qwen') "
-            "and GLM-4V-9b (model_type 'chatglm'). For LLaVA use hallupatch.apply(model) directly."
+            f"{config_path} has model_type {model_type!r}; the installer supports Qwen-VL-Chat (model_type 'qwen'), "
+            "GLM-4V-9b (model_type 'chatglm'), Qwen2-VL ('qwen2_vl') and Qwen2.5-VL ('qwen2_5_vl'). "
+            "For LLaVA use hallupatch.apply(model) directly."
         )
     return model_type
 
 
 def dropin_source(family: str) -> Path:
-    """Our modeling file for ``family``: from the installed ``hallupatch.dropin`` package, else the source
-    checkout's ``modeling/`` folder."""
-    if family not in MODELING_FILES:
-        raise ValueError(f"family must be one of {sorted(MODELING_FILES)}; got {family!r}")
-    name = MODELING_FILES[family]
+    """Our modeling file for ``family`` (``"qwen"`` or ``"chatglm"``), or the file named ``family`` (e.g.
+    ``"modeling_qwen2_vl.py"``): from the installed ``hallupatch.dropin`` package, else the source checkout's
+    ``modeling/`` folder."""
+    names = set(MODELING_FILES.values()) | {name for spec in HUB_NATIVE.values() for name in spec["files"]}
+    if family not in MODELING_FILES and family not in names:
+        raise ValueError(f"family must be one of {sorted(MODELING_FILES)} or a drop-in file name; got {family!r}")
+    name = MODELING_FILES.get(family, family)
     try:
         candidate = files("hallupatch.dropin").joinpath(name)
         if candidate.is_file():
@@ -112,7 +148,7 @@ def check_block(block: Dict[str, Any], family: str) -> None:
     method = knobs.pop("method", "memvr")
     if not knobs.pop("enabled", True) or method in (None, "none"):
         return
-    defaults = next(spec.method_defaults for spec in registered_families() if spec.name == family)
+    defaults = next(spec.method_defaults for spec in registered_families() if spec.name == SPEC_NAMES[family])
     try:
         build_configs(parse_method(method), defaults, None, knobs, method)
     except TypeError as err:
@@ -120,27 +156,63 @@ def check_block(block: Dict[str, Any], family: str) -> None:
 
 
 def install(checkpoint: Union[str, Path], block: Optional[Dict[str, Any]] = None) -> Path:
-    """Install our modeling file and the config block into ``checkpoint``; returns the installed file."""
+    """Install our modeling file(s) and the config block into ``checkpoint``; returns the model file."""
     checkpoint = Path(checkpoint)
     family = detect_family(checkpoint)
+    block = memvr_block() if block is None else block
+    if family in HUB_NATIVE:
+        check_block(block, family)
+        return install_hub_native(checkpoint, family, block)
     target = checkpoint / MODELING_FILES[family]
     if not target.is_file():
         raise InstallError(f"{target} does not exist: the folder is not a trust_remote_code {family} checkpoint")
-    block = memvr_block() if block is None else block
     check_block(block, family)
     require_writable(checkpoint, [target, checkpoint / "config.json"])
-    backup = target.with_name(target.name + BACKUP_SUFFIX)
-    if not backup.exists():
-        shutil.copy2(target, backup)
-    config_path = checkpoint / "config.json"
-    config_backup = config_path.with_name(config_path.name + BACKUP_SUFFIX)
-    if not config_backup.exists():
-        shutil.copy2(config_path, config_backup)
+    keep_original(target)
     shutil.copyfile(dropin_source(family), target)
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["hallupatch"] = block
-    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    edit_json(checkpoint / "config.json", {"hallupatch": block})
     return target
+
+
+def keep_original(path: Path) -> None:
+    """Copy ``path`` to ``path.orig`` unless a backup exists already (a reinstall keeps the first original)."""
+    backup = path.with_name(path.name + BACKUP_SUFFIX)
+    if path.exists() and not backup.exists():
+        shutil.copy2(path, backup)
+
+
+def edit_json(path: Path, changes: Dict[str, Any], auto_map: Optional[Dict[str, str]] = None) -> None:
+    """Back ``path`` up, set its top-level ``changes`` and merge ``auto_map`` into its ``"auto_map"``."""
+    keep_original(path)
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    payload.update(changes)
+    if auto_map:
+        payload["auto_map"] = {**payload.get("auto_map", {}), **auto_map}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def install_hub_native(checkpoint: Path, family: str, block: Dict[str, Any]) -> Path:
+    """Qwen2-VL / Qwen2.5-VL: add our files, the auto_map entries and the config block."""
+    spec = HUB_NATIVE[family]
+    preprocessor = checkpoint / PREPROCESSOR_CONFIG
+    if not preprocessor.is_file():
+        raise InstallError(f"{preprocessor} does not exist: a {family} hub checkpoint has one (the image processor's "
+                           "settings); copy it from the model's hub page")
+    targets = [checkpoint / name for name in spec["files"]]
+    require_writable(checkpoint, [p for p in targets + [checkpoint / "config.json", preprocessor] if p.exists()])
+    manifest_path = checkpoint / MANIFEST
+    added = json.loads(manifest_path.read_text(encoding="utf-8"))["added"] if manifest_path.exists() else []
+    for target in targets:
+        if target.exists() and target.name not in added:
+            keep_original(target)
+        elif not target.exists():
+            added.append(target.name)
+    manifest_path.write_text(json.dumps({"added": sorted(set(added))}, indent=2) + "\n", encoding="utf-8")
+    for target in targets:
+        shutil.copyfile(dropin_source(target.name), target)
+    edit_json(checkpoint / "config.json", {"hallupatch": block}, spec["config"])
+    edit_json(preprocessor, {}, spec["preprocessor"])
+    return checkpoint / spec["files"][-1]
 
 
 def require_writable(checkpoint: Path, files_to_replace: List[Path]) -> None:
@@ -154,32 +226,44 @@ def require_writable(checkpoint: Path, files_to_replace: List[Path]) -> None:
 
 
 def restore(checkpoint: Union[str, Path]) -> List[Path]:
-    """Put back the modeling file and ``config.json`` saved by :func:`install`; returns the restored files."""
+    """Put back every file saved by :func:`install` and delete the files it added; returns the paths restored
+    or removed."""
     checkpoint = Path(checkpoint)
     family = detect_family(checkpoint)
-    originals = (checkpoint / MODELING_FILES[family], checkpoint / "config.json")
+    if family in HUB_NATIVE:
+        originals = [checkpoint / name for name in HUB_NATIVE[family]["files"]]
+        originals += [checkpoint / "config.json", checkpoint / PREPROCESSOR_CONFIG]
+    else:
+        originals = [checkpoint / MODELING_FILES[family], checkpoint / "config.json"]
+    manifest_path = checkpoint / MANIFEST
     require_writable(checkpoint, [path for path in originals if path.exists()])
-    restored = []
-    for original in (checkpoint / MODELING_FILES[family], checkpoint / "config.json"):
+    changed = []
+    if manifest_path.exists():
+        for name in json.loads(manifest_path.read_text(encoding="utf-8"))["added"]:
+            if (checkpoint / name).exists():
+                (checkpoint / name).unlink()
+                changed.append(checkpoint / name)
+        manifest_path.unlink()
+    for original in originals:
         backup = original.with_name(original.name + BACKUP_SUFFIX)
         if backup.exists():
             shutil.move(str(backup), str(original))
-            restored.append(original)
-    if not restored:
+            changed.append(original)
+    if not changed:
         raise InstallError(f"nothing to restore in {checkpoint}: no {BACKUP_SUFFIX} backups (was it installed?)")
-    return restored
+    return changed
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hallupatch.modeling", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    install_cmd = commands.add_parser("install", help="install the drop-in modeling file and MemVR config block")
+    install_cmd = commands.add_parser("install", help="install the drop-in modeling file(s) and the MemVR config block")
     install_cmd.add_argument("checkpoint", type=Path)
     install_cmd.add_argument("--memvr-ratio", type=float, help="retracing_ratio in [0, 1] (default: family's)")
     install_cmd.add_argument("--memvr-threshold", type=float, help="entropy_threshold >= 0 (default: family's)")
     install_cmd.add_argument("--memvr-start", type=int, help="starting_layer, 0-based (default: family's)")
     install_cmd.add_argument("--memvr-end", type=int, help="ending_layer, 0-based (default: family's)")
-    restore_cmd = commands.add_parser("restore", help="put the original modeling file and config.json back")
+    restore_cmd = commands.add_parser("restore", help="put the checkpoint folder back as it was before install")
     restore_cmd.add_argument("checkpoint", type=Path)
     args = parser.parse_args(argv)
     try:
@@ -188,11 +272,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError(f"--memvr-start must be < --memvr-end; got {args.memvr_start} and {args.memvr_end}")
             block = memvr_block(args.memvr_ratio, args.memvr_threshold, args.memvr_start, args.memvr_end)
             target = install(args.checkpoint, block)
-            print(f"installed hallupatch's {target.name} in {args.checkpoint} (original kept as {target.name}{BACKUP_SUFFIX}); "
+            kept = "edited files kept as <name>.orig" if detect_family(args.checkpoint) in HUB_NATIVE \
+                else f"original kept as {target.name}{BACKUP_SUFFIX}"
+            print(f"installed hallupatch's {target.name} in {args.checkpoint} ({kept}); "
                   f"config block: {json.dumps(block)}")
         else:
             for path in restore(args.checkpoint):
-                print(f"restored {path}")
+                print(f"restored {path}" if path.exists() else f"removed {path}")
     except (InstallError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

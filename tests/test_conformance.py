@@ -34,6 +34,7 @@ from hallupatch.layer_contrast import candidate_layers
 from hallupatch.testing.families import build_checkpoint, load_checkpoint
 from hallupatch.testing.tiny import build_tiny_llava_checkpoint, tiny_image
 
+import tiny_qwen2_vl
 import tiny_remote
 from dola_oracle import float64_step
 from memvr_reference import memvr_reference_decoder, memvr_reference_hooks
@@ -189,6 +190,17 @@ def glm_inputs(case, processor, indices, workdir):
     return dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), images=images)
 
 
+def qwen2_vl_chat(processor, question, images=1):
+    """Qwen2-VL's chat template: a user turn with ``images`` images then the question, and the reply prompt."""
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def qwen2_vl_inputs(case, processor, indices, workdir):
+    texts = [qwen2_vl_chat(processor, VLM_PROMPTS[i].split("\n", 1)[1].replace(" ASSISTANT:", "")) for i in indices]
+    return dict(processor(text=texts, images=case.images(indices), return_tensors="pt", padding=True))
+
+
 def glm_text_only(processor, workdir):
     ids = torch.tensor([tiny_remote.glm_prompt([7, 8, 9], with_image=False)])
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -216,6 +228,8 @@ class Case:
     eval_prompt: Optional[str] = None
     image_size: tuple = (56, 56)
     tied: bool = False            # input and output embeddings shared (Gemma)
+    # how the recipe words an MME question: LLaVA-1.5's short-answer rewrite, or VLMEvalKit's yes/no suffix
+    question_suffix: str = "\nAnswer the question using a single word or phrase."
 
     @property
     def vision(self) -> bool:
@@ -248,6 +262,25 @@ def _remote_load(path):
     return load_remote(path), None
 
 
+def _qwen2_vl_builder(family):
+    def build(path):
+        from hallupatch import modeling
+
+        path = tiny_qwen2_vl.build_checkpoint(path, family, num_layers=LAYERS)
+        modeling.install(path, {"method": "none"})   # the drop-in files (transformers 4.40 has no Qwen2-VL)
+        return path
+    return build
+
+
+def _qwen2_vl_load(path):
+    from transformers import AutoModelForVision2Seq, AutoProcessor
+
+    tiny_remote.forget_remote_modules()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    processor.tokenizer.padding_side = "left"
+    return AutoModelForVision2Seq.from_pretrained(path, trust_remote_code=True).eval(), processor
+
+
 def _llava_rows(model):
     return expanded_placeholders(model.config.image_token_index)
 
@@ -258,6 +291,8 @@ MISTRAL_INSTRUCT = "[INST] <image>\n{question} [/INST]"
 VIP_LLAVA = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
              "detailed, and polite answers to the human's questions.###Human: <image>\n{question}###Assistant:")
 IDEFICS2_CHAT = "User:<image>{question}<end_of_utterance>\nAssistant:"
+QWEN2_VL_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                 "<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
 
 CASES = [
     Case("llava-hf", "LlavaForConditionalGeneration", "llama", _llava_hf, visual_rows=_llava_rows,
@@ -291,6 +326,16 @@ CASES = [
          activation=torch.nn.functional.silu, multi_image=False,   # GLM-4V takes one image per conversation
          recipe="glm-4v",
          visual_rows=lambda model: expanded_placeholders(tiny_remote.GLM_BOI, width=3)),
+    # Qwen2-VL / Qwen2.5-VL through hallupatch's drop-in files (the architectures need transformers >= 4.45);
+    # their layers need M-RoPE position embeddings, so the MemVR reference runs through hooks
+    Case("qwen2-vl", "Qwen2VLForConditionalGeneration", "qwen2_vl", _qwen2_vl_builder("qwen2_vl"),
+         load=_qwen2_vl_load, inputs=qwen2_vl_inputs, by_hand=False, recipe="qwen2-vl", eval_prompt=QWEN2_VL_CHAT,
+         question_suffix=" Please answer yes or no.",
+         visual_rows=lambda model: placeholder_per_row(model.config.image_token_id)),
+    Case("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", "qwen2_vl", _qwen2_vl_builder("qwen2_5_vl"),
+         load=_qwen2_vl_load, inputs=qwen2_vl_inputs, by_hand=False, recipe="qwen2.5-vl",
+         eval_prompt=QWEN2_VL_CHAT, question_suffix=" Please answer yes or no.",
+         visual_rows=lambda model: placeholder_per_row(model.config.image_token_id)),
 ]
 # the original LLaVA repository's class is tested in test_llama_family.py (a stand-in: its package is not a
 # dependency)
@@ -539,6 +584,11 @@ def multi_image_inputs(case, processor, workdir):
         return dict(input_ids=ids, attention_mask=mask), singles
     images = case.images([5, 6, 7])
     both = [images[0] + images[1], images[2]] if case.architecture.startswith("Idefics2") else images
+    if case.family == "qwen2_vl":
+        texts = [qwen2_vl_chat(processor, "what is in the picture ?", images=2), qwen2_vl_chat(processor, "is there a dog ?")]
+        batch = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+        singles = [dict(processor(text=[texts[1]], images=[image], return_tensors="pt")) for image in images]
+        return batch, singles
     two = VLM_PROMPTS[0].replace("<image>", "<image> <image>")
     batch = dict(processor(text=[two, VLM_PROMPTS[1]], images=both, return_tensors="pt", padding=True))
     singles = [dict(processor(text=[VLM_PROMPTS[1]], images=[image], return_tensors="pt")) for image in images]
@@ -680,10 +730,9 @@ def test_eval_cli_answers_an_mme_folder_with_the_published_prompt(case, checkpoi
     answers = read_answers(out / "answers.jsonl")
     assert scores["questions"] == len(answers) == 4 and all("memvr" in a for a in answers)
     questions = load_mme_folder(mme_folder)[:4]
-    short = [q.question.replace(" Please answer yes or no.", "") + "\nAnswer the question using a single word or phrase."
-             for q in questions]
+    short = [q.question.replace(" Please answer yes or no.", "") + case.question_suffix for q in questions]
     assert [a["prompt"] for a in answers] == short
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
     seen = [ids[mask.bool()] for batch_ids, batch_mask in prefills for ids, mask in zip(batch_ids, batch_mask)]
     assert len(seen) == 4
     for ids, question, q in zip(seen, short, questions):

@@ -119,7 +119,10 @@ def test_region_prompts():
     assert "[[100,100,300,400]]" in region_prompt("glm-4v", (20, 10, 40, 30), 200, 100)
     # A full-image box stays inside [0, 999].
     assert "<box>(0,0),(999,999)</box>" in region_prompt("qwen-vl", (0, 0, 200, 100), 200, 100)
-    assert set(REGION_PROMPTS) == {"llava-hf", "llava", "qwen-vl", "glm-4v"}
+    assert region_prompt("qwen2-vl", (20, 10, 40, 30), 200, 100).startswith(
+        "<|object_ref_start|>the region<|object_ref_end|><|box_start|>(100,100),(300,400)<|box_end|>")
+    assert '{"bbox_2d": [20, 10, 60, 40]}' in region_prompt("qwen2.5-vl", (20, 10, 40, 30), 200, 100)
+    assert set(REGION_PROMPTS) == {"llava-hf", "llava", "qwen-vl", "glm-4v", "qwen2-vl", "qwen2.5-vl"}
     with pytest.raises(ValueError, match="known"):
         region_prompt("blip", (0, 0, 1, 1), 10, 10)
 

@@ -3,7 +3,7 @@
 Vocabulary: a model *family* is the structural spec the patches use (``llama``, ``llava_next``, ``idefics2``,
 ``qwen``, ``chatglm``: ``hallupatch.spec``); a *recipe* is how the published evaluation of a kind of checkpoint
 loads and prompts it (``llava-hf``, ``llava``, ``llava-next-vicuna``, ``llava-next-mistral``, ``vipllava``,
-``idefics2``, ``qwen-vl``, ``glm-4v``). The recipe-specific parts are data:
+``idefics2``, ``qwen-vl``, ``glm-4v``, ``qwen2-vl``, ``qwen2.5-vl``). The recipe-specific parts are data:
 :data:`RECIPES` holds, per recipe, the conversation template, how the benchmark question is rewritten,
 the image preprocessing and the generation length, each with the published source it follows. The
 backends only turn a recipe into model inputs.
@@ -22,6 +22,7 @@ from hallupatch.eval.data import Question
 from hallupatch.eval.decoding import GREEDY, Decoding
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+YES_NO_SUFFIX = " Please answer yes or no."
 _YES_NO_SUFFIX = re.compile(r"\s*Please answer yes or no\.\s*$")
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -35,9 +36,12 @@ class Recipe:
 
     ``template``: the full prompt, with ``{question}`` and (Qwen) ``{image}``; ``None`` = the
     tokenizer's own chat template. ``question_style``: ``"short_answer"`` (LLaVA-1.5: drop
-    ``Please answer yes or no.``, append :data:`SHORT_ANSWER`) or ``"as_is"``. ``pad_to_square``: pad
+    ``Please answer yes or no.``, append :data:`SHORT_ANSWER`), ``"yes_no"`` (end the question with
+    :data:`YES_NO_SUFFIX`, as VLMEvalKit prompts Qwen2-VL) or ``"as_is"``. ``pad_to_square``: pad
     the image to a square with the processor's mean colour before preprocessing (LLaVA-1.5's
     ``image_aspect_ratio="pad"``). ``max_new_tokens``: ``None`` = the checkpoint's generation config.
+    ``generate_defaults``: generation settings of the published evaluation that replace the checkpoint's
+    own where the run leaves them unset (``(name, value)`` pairs).
     """
 
     name: str
@@ -46,6 +50,7 @@ class Recipe:
     pad_to_square: bool
     max_new_tokens: Optional[int]
     source: str
+    generate_defaults: Tuple[Tuple[str, Any], ...] = ()
 
 
 _VICUNA_V1 = VICUNA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"
@@ -97,7 +102,21 @@ RECIPES: Dict[str, Recipe] = {
         "Idefics2: its processor's chat template (User:<image>...<end_of_utterance>\\nAssistant:) with lmms-eval's "
         "MME post-prompt ('\\nAnswer the question using a single word or phrase.')",
     ),
+    "qwen2-vl": Recipe(
+        "qwen2-vl", None, "yes_no", False, 128,
+        "VLMEvalKit's Qwen2VLChat (vlmeval/vlm/qwen2_vl): the processor's chat template with one image then the "
+        "question, ' Please answer yes or no.' on yes/no questions (MME's own questions carry it already), the "
+        "checkpoint's min/max pixels, greedy (top_k 1), repetition_penalty 1.0 over the hub's 1.05",
+        (("repetition_penalty", 1.0),),
+    ),
+    "qwen2.5-vl": Recipe(
+        "qwen2.5-vl", None, "yes_no", False, 128,
+        "as qwen2-vl (VLMEvalKit evaluates Qwen2.5-VL with the same Qwen2VLChat class and prompts)",
+        (("repetition_penalty", 1.0),),
+    ),
 }
+# recipes loaded through hallupatch's Qwen2-VL drop-in files (trust_remote_code under transformers 4.40)
+QWEN2_VL_RECIPES = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl"}
 # recipes whose checkpoints load as one transformers class with its AutoProcessor: the class, and whether
 # the processor takes one list of images per prompt (Idefics2) instead of one flat list
 PROCESSOR_MODELS: Dict[str, Tuple[str, bool]] = {
@@ -115,9 +134,11 @@ def rewrite_question(question: str, style: str) -> str:
     """The question as the recipe asks it (``short_answer``: LLaVA-1.5's MME/POPE rewrite)."""
     if style == "short_answer":
         return _YES_NO_SUFFIX.sub("", question.strip()) + SHORT_ANSWER
+    if style == "yes_no":
+        return _YES_NO_SUFFIX.sub("", question.strip()) + YES_NO_SUFFIX
     if style == "as_is":
         return question
-    raise ValueError(f"unknown question_style {style!r}; use 'short_answer' or 'as_is'")
+    raise ValueError(f"unknown question_style {style!r}; use 'short_answer', 'yes_no' or 'as_is'")
 
 
 def expand_to_square(image, background: Tuple[int, int, int]):
@@ -160,6 +181,8 @@ def detect_recipe(path: str) -> str:
         return "qwen-vl"
     if model_type == "chatglm" or "ChatGLMForConditionalGeneration" in architectures:
         return "glm-4v"
+    if model_type in QWEN2_VL_RECIPES:
+        return QWEN2_VL_RECIPES[model_type]
     raise ValueError(
         f"cannot tell the model family and evaluation recipe of {path} (model_type={model_type!r}, architectures={architectures!r}); "
         f"pass --recipe, one of {sorted(RECIPES)}"
@@ -360,6 +383,47 @@ class GLM4VBackend(Backend):
         return [{"text": t, "new_tokens": n} for t, n in decoded]
 
 
+class Qwen2VLBackend(Backend):
+    """Qwen2-VL / Qwen2.5-VL through hallupatch's drop-in files: the processor's chat template (one image, then
+    the question), left-padded batches."""
+
+    def __init__(self, model, processor, recipe: Recipe, name: str):
+        super().__init__(model, recipe, name)
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"
+
+    def chat(self, question: str) -> str:
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def generate(self, questions, max_new_tokens):
+        texts = [self.chat(self.prompt(q)) for q in questions]
+        inputs = self.processor(text=texts, images=[q.load_image() for q in questions], return_tensors="pt",
+                                padding=True).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        kwargs = dict(self.recipe.generate_defaults)
+        kwargs.update(self.decoding.generate_kwargs())
+        tokenizer = self.processor.tokenizer
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs, max_new_tokens=max_new_tokens or self.recipe.max_new_tokens,
+                                         pad_token_id=tokenizer.pad_token_id)
+        decoded = self._decode(tokenizer, output, inputs["input_ids"].shape[1], _eos_ids(self.model, tokenizer))
+        return [{"text": t, "new_tokens": n} for t, n in decoded]
+
+
+def load_qwen2_vl(path: str, torch_dtype: torch.dtype, device: str):
+    """The model and processor of a Qwen2-VL / Qwen2.5-VL folder with hallupatch's drop-in files installed."""
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    if "AutoModelForVision2Seq" not in config.get("auto_map", {}):
+        raise ValueError(f"{path} is a {config.get('model_type')} checkpoint, which transformers 4.40 cannot load by "
+                         f"itself: run `python -m hallupatch.modeling install {path}` first (it adds the model files)")
+    from transformers import AutoModelForVision2Seq, AutoProcessor
+
+    model = AutoModelForVision2Seq.from_pretrained(path, trust_remote_code=True, torch_dtype=torch_dtype)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    return model.to(device).eval(), processor
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -415,6 +479,9 @@ def load_backend(
         model = model_class.from_pretrained(path, torch_dtype=torch_dtype).to(device).eval()
         processor = transformers.AutoProcessor.from_pretrained(path)
         return LlavaHFBackend(model, processor, recipe, checkpoint_name, nested_images=nested_images)
+    if name in QWEN2_VL_RECIPES.values():
+        model, processor = load_qwen2_vl(path, torch_dtype, device)
+        return Qwen2VLBackend(model, processor, recipe, checkpoint_name)
     if name == "llava":
         try:
             from llava.mm_utils import get_model_name_from_path

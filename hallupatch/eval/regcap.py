@@ -165,18 +165,25 @@ class RegionPrompt:
     ``template`` gets ``x1, y1, x2, y2`` (box corners, already scaled and rounded as strings).
     Coordinates are divided by the image side (or by the padded square's side when
     ``pad_to_square``, as LLaVA-1.5's preprocessing pads), multiplied by ``scale``, and printed
-    with ``decimals`` digits (0 = integers).
+    with ``decimals`` digits (0 = integers). ``absolute``: integer pixel coordinates of the image instead
+    (Qwen2.5-VL grounds in absolute coordinates; ``scale`` and ``decimals`` are then unused).
     """
 
     template: str
     scale: float
     decimals: int
     pad_to_square: bool = False
+    absolute: bool = False
 
     def format(self, bbox: Sequence[float], width: int, height: int) -> str:
         x, y, w, h = bbox
         if width <= 0 or height <= 0:
             raise ValueError(f"image size must be positive, got {width}x{height}")
+        if self.absolute:
+            def pixel(v, size):
+                return str(int(round(min(max(v, 0.0), float(size)))))
+            return self.template.format(x1=pixel(x, width), y1=pixel(y, height), x2=pixel(x + w, width),
+                                        y2=pixel(y + h, height))
         ox = oy = 0.0
         sx, sy = float(width), float(height)
         if self.pad_to_square:
@@ -196,6 +203,8 @@ class RegionPrompt:
 # LLaVA-1.5: its RefCOCO region-caption instruction, box normalised to [0, 1] on the padded square, 2 decimals.
 # Qwen-VL: its grounding tags, integer coordinates in [0, 1000) (instruction wording ours).
 # GLM-4V: box in the question, integer coordinates in [0, 1000), the [[x1,y1,x2,y2]] form (wording ours).
+# Qwen2-VL: its grounding tokens <|object_ref_start|>...<|box_start|>(x1,y1),(x2,y2)<|box_end|>, integers in
+# [0, 1000) (wording ours). Qwen2.5-VL grounds in absolute pixel coordinates, in its JSON form (wording ours).
 _LLAVA_REGION = RegionPrompt("Please provide a short description for this region: [{x1}, {y1}, {x2}, {y2}]",
                              scale=1.0, decimals=2, pad_to_square=True)
 # Keyed by the harness's recipe families (hallupatch.eval.models.RECIPES).
@@ -207,6 +216,11 @@ REGION_PROMPTS: Dict[str, RegionPrompt] = {
                             scale=1000.0, decimals=0),
     "glm-4v": RegionPrompt("Please provide a short description for the region [[{x1},{y1},{x2},{y2}]].",
                            scale=1000.0, decimals=0),
+    "qwen2-vl": RegionPrompt("<|object_ref_start|>the region<|object_ref_end|><|box_start|>({x1},{y1}),({x2},{y2})"
+                             "<|box_end|> Please provide a short description for this region.",
+                             scale=1000.0, decimals=0),
+    "qwen2.5-vl": RegionPrompt('Please provide a short description for the region {{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}.',
+                               scale=1.0, decimals=0, absolute=True),
 }
 
 
