@@ -200,8 +200,10 @@ def test_item7_duplicate_layers_and_huge_numbers_in_prior_files(tmp_path, capsys
     error_line(capsys, "must be finite")
     scored = tmp_path / "scored.json"
     scored.write_text('[{"candidates": [{"layer": 0, "iou": 1' + "0" * 400 + '}, {"layer": 2, "iou": 1}]}]')
-    assert prior_main([str(scored), "-o", str(tmp_path / "prior.json")]) == 2
-    error_line(capsys, "must be finite")
+    with pytest.raises(SystemExit) as stop:
+        prior_main([str(scored), "-o", str(tmp_path / "prior.json")])
+    assert stop.value.code == 2
+    error_line(capsys, "iou must be finite")
     # huge but finite IoUs and confidences give the prior of their ratios, not an overflow
     big = [{"candidates": [{"layer": 0, "iou": 1e308}, {"layer": 2, "iou": 3e307}], "confidence": 1e308},
            {"candidates": [{"layer": 0, "iou": 1e308}, {"layer": 2, "iou": 1.5e308}], "confidence": 1e308}]
@@ -286,18 +288,14 @@ def test_item10_the_same_seed_samples_the_same_answers_at_any_batch_size(tmp_pat
                  "--temperature", "5", "--batch-size", size, "--output", str(tmp_path / size)])
         texts[size] = [r["text"] for r in read_answers(tmp_path / size / "answers.jsonl")]
     assert texts["1"] == texts["4"]
-    # and a resume after an interruption continues with the same answers
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    shutil.copy(tmp_path / "1" / "run.json", partial / "run.json")
-    shutil.copy(tmp_path / "1" / "chair_image_ids.json", partial / "chair_image_ids.json") \
-        if (tmp_path / "1" / "chair_image_ids.json").exists() else None
-    lines = (tmp_path / "1" / "answers.jsonl").read_text().splitlines(keepends=True)
-    (partial / "answers.jsonl").write_text("".join(lines[:3]))
+    # and a run interrupted after three answers resumes, at another batch size, with the same answers
+    answers = tmp_path / "1" / "answers.jsonl"
+    answers.write_text("".join(answers.read_text().splitlines(keepends=True)[:3]))
+    (tmp_path / "1" / "scores.json").unlink()
     cli.run(["chair", "--limit", "8", "--max-new-tokens", "6", "--no-progress", "--do-sample", "--seed", "0",
-             "--temperature", "5", "--batch-size", "3", "--output", str(partial)])
-    assert [r["text"] for r in read_answers(partial / "answers.jsonl")] == texts["1"]
-    assert json.loads((partial / "run.json").read_text())["batch_size"] == [1, 3]
+             "--temperature", "5", "--batch-size", "3", "--output", str(tmp_path / "1")])
+    assert [r["text"] for r in read_answers(answers)] == texts["4"]
+    assert json.loads((tmp_path / "1" / "run.json").read_text())["batch_size"] == [1, 3]
 
 
 # ------------------------------------------------------------------ 13: damaged checkpoints, missing paths
