@@ -204,9 +204,7 @@ def _where(path: str) -> str:
 
 def parse_methods(text: str) -> List[str]:
     """``"none,memvr"`` -> ``["none", "memvr"]``; each one checked (``none`` or a method, or several joined with +)."""
-    from hallupatch.methods import parse_method
-
-    from hallupatch.methods import METHODS
+    from hallupatch.methods import METHODS, parse_method
 
     methods = [m.strip() for m in str(text).split(",")]
     if any(not m for m in methods) or len(set(methods)) != len(methods):

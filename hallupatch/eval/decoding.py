@@ -60,9 +60,14 @@ class Decoding:
     def seed_everything(self) -> None:
         """Seed Python, NumPy and torch with ``seed`` (nothing without one)."""
         if self.seed is not None:
-            from transformers import set_seed
+            seed_everything(self.seed)
 
-            set_seed(self.seed)
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (transformers' ``set_seed``)."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 GREEDY = Decoding()

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from hallupatch.eval import stats
 from hallupatch.eval.data import DataError, Question
-from hallupatch.eval.decoding import GREEDY, Decoding
+from hallupatch.eval.decoding import GREEDY, Decoding, seed_everything
 from hallupatch.eval.store import (
     AnswerWriter,
     StoreError,
@@ -215,7 +215,7 @@ def answer_questions(
                 records = []
                 for chunk in calls:
                     if question_seeds is not None:
-                        _seed_all(question_seed(question_seeds, chunk[0].qid))
+                        seed_everything(question_seed(question_seeds, chunk[0].qid))
                     outputs = backend.generate(chunk, max_new_tokens)
                     fields = method_records(backend.model, method, [o.get("new_tokens", 0) for o in outputs],
                                             rows_per_sample) if method != "none" else [None] * len(chunk)
@@ -236,12 +236,6 @@ def question_seed(seed: int, qid: str) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.sha256(f"{seed}\0{qid}".encode("utf-8")).digest()[:4], "big")
-
-
-def _seed_all(seed: int) -> None:
-    from transformers import set_seed
-
-    set_seed(seed)
 
 
 def _progress(total: int, initial: int, enabled: bool, rank: int):
