@@ -382,3 +382,14 @@ def test_item15_typos_get_the_nearest_valid_name(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="did you mean 'qwen-vl'"):
         models.load_backend(str(tmp_path), recipe="qwen-lv")
+
+
+def test_item3_an_empty_answers_file_or_a_damaged_run_json_without_answers_blocks_nothing(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "answers.jsonl").write_text('{"question_id": "cut mid-wri')   # killed before its first answer ended
+    prepare_output(out, {"method": "none"})
+    assert json.loads((out / "run.json").read_text()) == {"method": "none"}
+    (out / "run.json").write_text("{damaged")
+    prepare_output(out, {"method": "memvr"})
+    assert json.loads((out / "run.json").read_text()) == {"method": "memvr"}

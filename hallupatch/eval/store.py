@@ -176,12 +176,9 @@ def check_resumable(out_dir: Path, settings: Mapping) -> None:
     ``run.json`` without answers blocks nothing: :func:`prepare_output` replaces it."""
     out_dir = Path(out_dir)
     answered = bool(finished_ids(out_dir))
-    if (out_dir / RUN_FILE).exists():
-        if answered:
-            check_settings(out_dir, settings)
-        else:
-            read_settings(out_dir / RUN_FILE)   # a damaged run.json is still reported
-    elif all_answer_files(out_dir):
+    if answered and (out_dir / RUN_FILE).exists():
+        check_settings(out_dir, settings)
+    elif answered:
         raise StoreError(
             f"{out_dir} holds answers but no {RUN_FILE}, so they cannot be checked against this run; "
             "use another --output or pass --overwrite to discard them"
