@@ -382,6 +382,11 @@ def test_item15_typos_get_the_nearest_valid_name(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="did you mean 'qwen-vl'"):
         models.load_backend(str(tmp_path), recipe="qwen-lv")
+    from hallupatch.lab.__main__ import main as lab_main
+
+    with pytest.raises(SystemExit) as stop:
+        lab_main(["write", "mmee", "--out", str(tmp_path / "w")])
+    assert stop.value.code == 2 and "did you mean 'mme'?" in capsys.readouterr().err
 
 
 def test_item3_an_empty_answers_file_or_a_damaged_run_json_without_answers_blocks_nothing(tmp_path):

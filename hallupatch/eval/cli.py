@@ -18,7 +18,7 @@ from hallupatch.eval.decoding import GREEDY, Decoding
 from hallupatch.eval.presets import get_preset, preset_help, with_preset
 from hallupatch.eval.store import StoreError, check_output_folder, folder_name
 from hallupatch.eval.tasks import Task, get_task, registered_tasks
-from hallupatch.names import did_you_mean
+from hallupatch.names import SuggestingParser, did_you_mean
 
 KNOBS = {  # CLI flag -> (config field, type, help)
     "--retracing-ratio": ("retracing_ratio", float, "MemVR alpha, in [0, 1] (default: the family's published value)"),
@@ -80,18 +80,9 @@ answers.jsonl, scores.json, run.json (settings) and the benchmark's own files.
 SUITES = {"lab": lab}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with the nearest valid name suggested for a mistyped choice (benchmark, --recipe)."""
-
-    def _check_value(self, action, value):
-        if action.choices is not None and value not in action.choices:
-            raise argparse.ArgumentError(action, f"invalid choice: {value!r}{did_you_mean(value, action.choices)} "
-                                                 f"(choose from {', '.join(map(str, action.choices))})")
-
-
 def _shared_options() -> argparse.ArgumentParser:
     """The options every benchmark takes (a parent parser of each sub-command)."""
-    p = _Parser(add_help=False)
+    p = SuggestingParser(add_help=False)
     g = p.add_argument_group("model, methods and run")
     g.add_argument("--model", help="checkpoint folder (llava-hf, original LLaVA, Qwen-VL-Chat, GLM-4V-9b); "
                    "default: the built-in model")
@@ -130,7 +121,7 @@ def _shared_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = SuggestingParser(
         prog="python -m hallupatch.eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     shared = _shared_options()

@@ -5,8 +5,10 @@ import argparse
 import sys
 from typing import List, Optional
 
+from hallupatch.names import SuggestingParser
 
-class _Parser(argparse.ArgumentParser):
+
+class _Parser(SuggestingParser):
     def error(self, message):  # one line and exit 2, as argparse does, never a traceback
         self.exit(2, f"error: {message}\n")
 
