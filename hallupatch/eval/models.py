@@ -443,11 +443,11 @@ def load_backend(
         from hallupatch.names import did_you_mean
 
         raise ValueError(f"unknown recipe {recipe!r}{did_you_mean(recipe, RECIPES)}; choose one of {sorted(RECIPES)}")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     if recipe is not None:   # a missing folder or a damaged config is named before any loader runs
         read_config(config_path(path))
     name = recipe or detect_recipe(path)
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
     recipe = RECIPES[name]
     checkpoint_name = Path(path).name
     with loading(path):
