@@ -236,7 +236,7 @@ def test_layer_contrast_knobs_reach_apply_and_the_run_settings(checkpoint, data,
              "--no-progress", "--method", "dola", "--candidate-layers", "0,2", "--layer-prior", "0.2,0.8",
              "--layer-seed", "3"], backend=backend)
     knobs = {"candidate_layers": [0, 2], "layer_prior": [0.2, 0.8], "seed": 3}
-    assert seen == [("dola", knobs)]
+    assert seen == [("dola", knobs)] * 2   # checked once (applied and removed) before anything is written, then run
     settings = json.loads((out / "run.json").read_text())
     assert settings["method"] == "dola" and settings["knobs"] == knobs
     assert len(read_jsonl(out / "answers.jsonl")) == 4

@@ -70,7 +70,13 @@ def _args(data, out, *extra):
 
 
 def _files(out):
+    """The run's files, with the batch sizes it used left out of run.json and scores.json (recorded, not results)."""
     files = {p.relative_to(out).as_posix(): p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
+    for name, settings in (("run.json", lambda d: d), ("scores.json", lambda d: d.get("settings", {}))):
+        if name in files:
+            data = json.loads(files[name])
+            settings(data).pop("batch_size", None)
+            files[name] = json.dumps(data, sort_keys=True).encode()
     return {k: v for k, v in files.items() if not k.startswith("sample_data/")}
 
 
@@ -139,7 +145,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert cli.main(["mme", "--data", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 2
     assert "MME data not found" in capsys.readouterr().err
     assert cli.main(["mme", "--output", str(tmp_path), "--retracing-ratio", "0.2"]) == 2
-    assert "need --method memvr" in capsys.readouterr().err
+    assert "--retracing-ratio is a knob of memvr, which --method none does not include" in capsys.readouterr().err
 
 
 def test_llava_prompt_follows_the_published_recipe(backend, mme_folder):

@@ -62,13 +62,13 @@ def test_settings_are_stored_and_a_different_resume_is_refused(tmp_path):
     prepare_output(out, settings)
     assert json.loads((out / "run.json").read_text()) == settings
     prepare_output(out, dict(settings))  # same settings: resume
+    (out / "answers.jsonl").write_text(json.dumps(_rec("a")) + "\n")  # answers to protect
     with pytest.raises(StoreError) as err:
         prepare_output(out, {"method": "memvr", "knobs": {"retracing_ratio": 0.2}, "max_new_tokens": 128})
     message = str(err.value)
     assert "different settings" in message and "--overwrite" in message and "another --output" in message
     assert "method: 'none' (stored) vs 'memvr' (now)" in message
     assert "knobs: {} (stored) vs {'retracing_ratio': 0.2} (now)" in message
-    (out / "answers.jsonl").write_text(json.dumps(_rec("a")) + "\n")
     prepare_output(out, {"method": "memvr"}, overwrite=True)
     assert not (out / "answers.jsonl").exists()
     assert json.loads((out / "run.json").read_text()) == {"method": "memvr"}

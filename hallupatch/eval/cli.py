@@ -18,6 +18,7 @@ from hallupatch.eval.decoding import GREEDY, Decoding
 from hallupatch.eval.presets import get_preset, preset_help, with_preset
 from hallupatch.eval.store import StoreError, check_output_folder, folder_name
 from hallupatch.eval.tasks import Task, get_task, registered_tasks
+from hallupatch.names import SuggestingParser, did_you_mean
 
 KNOBS = {  # CLI flag -> (config field, type, help)
     "--retracing-ratio": ("retracing_ratio", float, "MemVR alpha, in [0, 1] (default: the family's published value)"),
@@ -81,7 +82,7 @@ SUITES = {"lab": lab}
 
 def _shared_options() -> argparse.ArgumentParser:
     """The options every benchmark takes (a parent parser of each sub-command)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = SuggestingParser(add_help=False)
     g = p.add_argument_group("model, methods and run")
     g.add_argument("--model", help="checkpoint folder (llava-hf, original LLaVA, Qwen-VL-Chat, GLM-4V-9b); "
                    "default: the built-in model")
@@ -92,7 +93,7 @@ def _shared_options() -> argparse.ArgumentParser:
                    "default: the built-in data, where the benchmark has one")
     g.add_argument("--preset", help="the settings of a published evaluation script (flags given here win); "
                    "--preset help lists them")
-    g.add_argument("--method", default="none", help="none, memvr, dola (layer contrast), memvr+dola, or several "
+    g.add_argument("--method", help="none, memvr, dola (layer contrast), memvr+dola, or several "
                    "separated by commas (none,memvr,dola) to compare them on the same questions")
     for flag, (_, typ, text) in KNOBS.items():
         g.add_argument(flag, type=typ, help=text)
@@ -109,8 +110,9 @@ def _shared_options() -> argparse.ArgumentParser:
     d.add_argument("--top-p", type=float, help="with --do-sample: nucleus sampling mass, in (0, 1]")
     d.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1)")
     d.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1.0 = none)")
-    d.add_argument("--seed", type=int, help="seed Python, NumPy and torch before each method answers (CHAIR: also "
-                   "the seed of its image sample, default 0)")
+    d.add_argument("--seed", type=int, help="seed Python, NumPy and torch before each method answers; sampled "
+                   "answers are seeded per question, so they do not depend on --batch-size (CHAIR: also the seed "
+                   "of its image sample, default 0)")
     g.add_argument("--answers", help="score this answers file made elsewhere (LLaVA's JSONL: question_id, text) "
                    "without a model")
     g.add_argument("--overwrite", action="store_true", help="discard a previous run in --output instead of resuming it")
@@ -119,7 +121,7 @@ def _shared_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = SuggestingParser(
         prog="python -m hallupatch.eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     shared = _shared_options()
@@ -143,9 +145,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if name == "help":
         print(preset_help())
         raise SystemExit(0)
+    preset_flags: List[str] = []
     if name is not None and argv and not argv[0].startswith("-"):
-        argv = with_preset(argv, get_preset(name, argv[0]))
+        preset = get_preset(name, argv[0])
+        user_flags = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+        preset_flags = [flag for flag in preset.args if flag.startswith("--") and flag not in user_flags]
+        argv = with_preset(argv, preset)
     args, extra = parser.parse_known_args(argv)
+    args.preset_flags = preset_flags
     if extra:
         owners = _option_owners(parser)
         for token in extra:
@@ -188,27 +195,47 @@ def _where(path: str) -> str:
 
 def parse_methods(text: str) -> List[str]:
     """``"none,memvr"`` -> ``["none", "memvr"]``; each one checked (``none`` or a method, or several joined with +)."""
-    from hallupatch.methods import parse_method
+    from hallupatch.methods import METHODS, parse_method
 
     methods = [m.strip() for m in str(text).split(",")]
     if any(not m for m in methods) or len(set(methods)) != len(methods):
         raise ValueError(f"--method takes distinct methods separated by commas (e.g. none,memvr,dola); got {text!r}")
     for m in methods:
-        if m != "none":
+        if m == "none":
+            continue
+        try:
             parse_method(m)
+        except ValueError:
+            unknown = next((part.strip() for part in m.split("+") if part.strip() not in METHODS), m)
+            raise ValueError(f"unknown method {unknown!r}{did_you_mean(unknown, ['none', *METHODS])} in --method "
+                             f"{text!r}: use none, {', '.join(sorted(METHODS))}, several joined with + (memvr+dola), "
+                             "or several separated by commas (none,memvr)") from None
     return methods
+
+
+def _given_knobs(args) -> Dict[str, Any]:
+    """``{config field: value}`` of the knob flags given (on the command line or by ``--preset``)."""
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in KNOBS.items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    prior = given.get("layer_prior")
+    if isinstance(prior, str):   # a file: absolute, so a resume from another folder names the same file
+        given["layer_prior"] = str(Path(prior).resolve())
+    return given
+
+
+def _flag_origin(args, flag: str) -> str:
+    """``flag``, and the preset that set it when the user did not give it."""
+    return f"{flag} (set by --preset {args.preset})" if flag in getattr(args, "preset_flags", ()) else flag
 
 
 def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedModel],
               given_variants: Optional[Dict[str, harness.Variant]] = None) -> Dict[str, harness.Variant]:
     """Each method's variant: the knob flags given (for every method that has them), or the variants a
-    caller passed in, on top of the built-in model's defaults for that method."""
-    from hallupatch.methods import parse_method
+    caller passed in, on top of the built-in model's defaults for that method. A knob that none of the
+    methods takes is refused, naming the methods that take it (and the preset that set it)."""
+    from hallupatch.methods import METHODS, parse_method
 
-    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in KNOBS.items()}
-    given = {k: v for k, v in given.items() if v is not None}
-    if given and list(methods) == ["none"]:
-        raise ValueError(f"method knobs {sorted(given)} need --method memvr (or another method)")
+    given = _given_knobs(args)
 
     def defaults(method: str) -> Dict[str, Any]:
         if embedded is None or method == "none":
@@ -219,12 +246,43 @@ def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedM
         return out
 
     if given_variants is not None:
+        if given:
+            raise ValueError(f"knob flags {sorted(given)} do not apply to the variants passed in: put them in the variants")
         return {label: harness.Variant(v.method, {**defaults(v.method), **v.knobs}) for label, v in given_variants.items()}
-    variants = {}
-    for method in methods:
-        fields = set() if method == "none" else {k for m in parse_method(method) for k in m.config_cls.knobs()}
-        variants[method] = harness.Variant(method, {**defaults(method), **{k: v for k, v in given.items() if k in fields}})
-    return variants
+    fields = {m: set() if m == "none" else {k for part in parse_method(m) for k in part.config_cls.knobs()}
+              for m in methods}
+    flag_of = {field: flag for flag, (field, _, _) in KNOBS.items()}
+    for knob in given:
+        if not any(knob in f for f in fields.values()):
+            takers = sorted(name for name, method in METHODS.items() if knob in method.config_cls.knobs())
+            flag = flag_of[knob]
+            raise ValueError(
+                f"{_flag_origin(args, flag)} is a knob of {' and '.join(takers)}, which --method "
+                f"{','.join(methods)} does not include: add {takers[0]} to --method (e.g. --method "
+                f"{','.join([*methods, takers[0]])}) or drop {flag}"
+            )
+    return {method: harness.Variant(method, {**defaults(method), **{k: v for k, v in given.items() if k in fields[method]}})
+            for method in methods}
+
+
+#: flags that only matter when a model answers: refused with --answers, which scores answers made elsewhere
+_MODEL_FLAGS = ("--model", "--recipe", "--method", *KNOBS, "--batch-size", "--max-new-tokens", "--device", "--dtype",
+                "--do-sample", "--temperature", "--top-p", "--num-beams", "--repetition-penalty", "--seed", "--preset")
+
+
+def _refuse_model_flags(args) -> None:
+    """``--answers`` scores answers made elsewhere: a flag that would change how answers are made has no
+    effect there, so it is refused rather than ignored."""
+    defaults = build_parser().parse_args([args.benchmark])
+    given = [flag for flag in _MODEL_FLAGS
+             if getattr(args, flag[2:].replace("-", "_")) != getattr(defaults, flag[2:].replace("-", "_"))]
+    if args.recipe_old_spelling:
+        given.append("--family")
+    if given:
+        raise ValueError(
+            f"--answers scores answers made elsewhere, without a model, so {', '.join(_flag_origin(args, f) for f in given)} "
+            "would have no effect: drop them (or drop --answers to generate answers)"
+        )
 
 
 def run(argv: Optional[Sequence[str]] = None, backend=None,
@@ -234,6 +292,10 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     ``backend``: an already loaded :class:`~hallupatch.eval.models.Backend` instead of ``--model``.
     ``variants``: ``{label: Variant}`` to compare instead of ``--method`` (e.g. one method in several settings).
     With several methods the result is ``{"methods": {label: scores}, "comparison": ...}``.
+
+    Everything is checked before anything is written or deleted: the flags, the methods and their knobs,
+    the decoding options, the preset, the model (loaded, each method applied and removed once) and the
+    resumability of every method's folder; only then does ``--overwrite`` discard a previous run.
     """
     args = parse_args(argv)
     if args.benchmark in SUITES:
@@ -241,34 +303,32 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     if args.recipe_old_spelling:
         print("note: --family is now spelled --recipe (a family is the model structure hallupatch patches)",
               file=sys.stderr)
-        args.recipe = args.recipe or args.recipe_old_spelling
     for flag in ("limit", "batch_size", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
-    if args.device is not None:
-        models.resolve_device(args.device)   # refused before any data is read
-    task: Task = get_task(args.benchmark)(args)
-    methods = list(variants) if variants is not None else parse_methods(args.method)
-    embedded = builtin.builtin_model() if args.model is None and backend is None else None
-    model_name = embedded.name if embedded else (backend.name if backend else Path(args.model).name)
-    if args.output is None:
-        tag = f"answers-{Path(args.answers).stem}" if args.answers else f"{model_name}-{args.method}"
-        args.output = str(Path("hallupatch_output") / folder_name(f"{args.benchmark}-{tag}"))
-    out = Path(args.output)
-    check_output_folder(out)
-
-    data, data_setting = _data(task, args, out)
     decoding = Decoding(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                         num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    if args.answers and decoding != GREEDY:
-        raise ValueError("the decoding options (--do-sample, --temperature, --top-p, --num-beams, "
-                         "--repetition-penalty, --seed) generate answers; --answers scores answers made elsewhere")
+    task: Task = get_task(args.benchmark)(args)
     if args.answers:
+        _refuse_model_flags(args)
+        out = _output_folder(args, f"answers-{Path(args.answers).stem}")
+        data, _ = _data(task, args, out)
         questions = _questions(task, data, None, out, args, answers=Path(args.answers))
         return harness.score_outside_answers(task, questions, Path(args.answers), out)
 
+    args.recipe = args.recipe or args.recipe_old_spelling
+    if args.device is not None:
+        models.resolve_device(args.device)   # refused before any data is read
+    args.method = args.method or "none"
+    methods = list(variants) if variants is not None else parse_methods(args.method)
+    recipe_changes = get_preset(args.preset, args.benchmark).recipe if args.preset else {}
+    embedded = builtin.builtin_model() if args.model is None and backend is None else None
+    model_name = embedded.name if embedded else (backend.name if backend else Path(args.model).name)
+    out = _output_folder(args, f"{model_name}-{args.method}")
     chosen = _variants(args, methods, embedded, variants)
+    harness.check_knobs(chosen)
+
     if embedded:
         backend = embedded.build()
         if args.device is not None or args.dtype is not None:   # the built-in model is built on the CPU
@@ -277,9 +337,10 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     elif backend is None:
         device = args.device or harness.current_process().device  # several processes on GPUs: one GPU each
         backend = models.load_backend(args.model, args.recipe, device, args.dtype, work_dir=out)
+    harness.check_variants(backend.model, chosen, decoding)
+    data, data_setting = _data(task, args, out)
     recipe = backend.recipe
-    if args.preset:  # for this run only: a backend passed in keeps its own recipe afterwards
-        backend.recipe = dataclasses.replace(recipe, **get_preset(args.preset, args.benchmark).recipe)
+    backend.recipe = dataclasses.replace(recipe, **recipe_changes)  # for this run only: a backend passed in keeps its own
     try:
         results, comparison = _evaluate(task, args, backend, embedded, data, data_setting, out, chosen, decoding)
     finally:
@@ -287,6 +348,15 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     if len(methods) == 1 or results[methods[0]] is None:
         return results[methods[0]]
     return {"methods": results, "comparison": comparison}
+
+
+def _output_folder(args, tag: str) -> Path:
+    """``--output``, or ``hallupatch_output/<benchmark>-<tag>``; checked to be a writable folder (nothing is created)."""
+    if args.output is None:
+        args.output = str(Path("hallupatch_output") / folder_name(f"{args.benchmark}-{tag}"))
+    out = Path(args.output)
+    check_output_folder(out)
+    return out
 
 
 def _evaluate(task: Task, args, backend, embedded, data, data_setting, out: Path, variants, decoding: Decoding):
@@ -337,7 +407,8 @@ def _questions(task: Task, data, recipe, out: Path, args, answers: Optional[Path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: errors become one clear line on stderr and exit status 2."""
+    """Console entry point: errors become one clear line on stderr and exit status 2; Ctrl-C one line
+    saying where the run stopped, and exit status 130."""
     try:
         run(argv)
     except (DataError, StoreError, ValueError, TypeError, ImportError, FileNotFoundError) as err:
@@ -346,4 +417,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as err:  # e.g. a folder that turned read-only or a full disk while writing results
         print(f"error: {err.filename or 'a file'}: {err.strerror or err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        where = (f" in {stop.out_dir} after {stop.answered} of {stop.total} question(s), each answer saved"
+                 if isinstance(stop, harness.RunInterrupted) else "")
+        print(f"interrupted{where}; rerun the same command to resume where it stopped", file=sys.stderr)
+        return 130
     return 0

@@ -11,7 +11,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 
 PathLike = Union[str, Path]
@@ -122,16 +122,36 @@ def answer_records(path: Path) -> List[dict]:
     return [row for _, row in json_lines(path)]
 
 
+def answer_text(value: Any, where: str, key: str = "text") -> str:
+    """An answer's text as read from a file made elsewhere: a string; ``null`` or any other type is a
+    :class:`DataError` (it would otherwise be scored as the string ``"None"``, or as a yes)."""
+    if value is None:
+        raise DataError(f"{where}: {key!r} is null; every answer needs its text as a string (\"\" for no answer)")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string; got {type(value).__name__} {str(value)[:60]}")
+    return value
+
+
+def add_answer(texts: Dict[Any, str], key: Any, text: str, where: str) -> None:
+    """``texts[key] = text``; a second answer for ``key`` is dropped when equal and refused when it differs
+    (scoring both would count the question twice)."""
+    if key in texts and texts[key] != text:
+        raise DataError(f"{where}: a second answer for {key!r} ({text[:40]!r}) differs from the first "
+                        f"({texts[key][:40]!r}); keep one answer per question")
+    texts.setdefault(key, text)
+
+
 def read_id_text_answers(path: Union[str, Path], id_key: str = "question_id",
                          text_keys: Sequence[str] = ("text", "caption")) -> Dict[str, str]:
     """``{id: text}`` from a JSONL (or JSON list) of answer records (LLaVA's ``question_id`` + ``text``)."""
     path = Path(path)
-    out = {}
+    out: Dict[str, str] = {}
     for i, row in enumerate(answer_records(path), 1):
-        value = next((row[k] for k in text_keys if k in row), None)
-        if id_key not in row or value is None:
+        key = next((k for k in text_keys if k in row), None)
+        if id_key not in row or key is None:
             raise DataError(f"{path}: record {i} needs {id_key} and one of {list(text_keys)}; got keys {sorted(row)}")
-        out[str(row[id_key])] = str(value)
+        where = f"{path}: record {i}"
+        add_answer(out, str(row[id_key]), answer_text(row[key], where, key), where)
     return out
 
 
@@ -172,7 +192,7 @@ def match_llava_answers(path: Path, questions: Sequence[Question]) -> Dict[str, 
     for where, row in json_lines(path):
         if "question_id" not in row or "text" not in row:
             raise DataError(f"{where}: an answer line needs 'question_id' and 'text'")
-        qid, text = str(row["question_id"]), str(row["text"])
+        qid, text = str(row["question_id"]), answer_text(row["text"], where)
         if qid in by_qid:
             target = by_qid[qid]
         elif qid in by_plain and len(by_plain[qid]) == 1:
@@ -194,5 +214,5 @@ def match_llava_answers(path: Path, questions: Sequence[Question]) -> Dict[str, 
             if not candidates:
                 raise DataError(f"{where}: question {qid!r} matches no unanswered question of the loaded data")
             target = candidates[0]
-        texts.setdefault(target.qid, text)
+        add_answer(texts, target.qid, text, where)
     return texts

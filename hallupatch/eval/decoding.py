@@ -12,9 +12,11 @@ from typing import Any, Dict, Optional
 class Decoding:
     """How answers are generated. ``None`` leaves a setting to the checkpoint's generation config.
 
-    ``seed``: seeds Python, NumPy and torch before each method answers (sampling, and the layer draws
-    of a layer prior without ``--layer-seed``); an interrupted and resumed sampled run continues from
-    a fresh seed, so only an uninterrupted run reproduces sampled answers exactly.
+    ``seed``: seeds Python, NumPy and torch before each method answers; when answers draw random
+    numbers (sampling, or the layer draws of a layer prior without ``--layer-seed``) each question is
+    answered on its own with a seed derived from ``seed`` and its id
+    (:func:`hallupatch.eval.harness.seeds_per_question`), so the same seed gives the same answers at any
+    batch size, shard count or after a resume.
     """
 
     do_sample: bool = False
@@ -58,9 +60,14 @@ class Decoding:
     def seed_everything(self) -> None:
         """Seed Python, NumPy and torch with ``seed`` (nothing without one)."""
         if self.seed is not None:
-            from transformers import set_seed
+            seed_everything(self.seed)
 
-            set_seed(self.seed)
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (transformers' ``set_seed``)."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 GREEDY = Decoding()

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from hallupatch.eval import stats
 from hallupatch.eval.data import DataError, Question
-from hallupatch.eval.decoding import GREEDY, Decoding
+from hallupatch.eval.decoding import GREEDY, Decoding, seed_everything
 from hallupatch.eval.store import (
     AnswerWriter,
     StoreError,
@@ -32,6 +32,8 @@ from hallupatch.eval.store import (
     folder_name,
     merge_answers,
     prepare_output,
+    read_settings,
+    RUN_FILE,
     write_json,
 )
 from hallupatch.eval.tasks import Task
@@ -98,23 +100,34 @@ def check_unique(questions: Sequence[Question]) -> None:
 
 
 # --------------------------------------------------------------------------- answering
-def method_records(model, method: str, passes: Sequence[int]) -> List[Dict[str, Any]]:
+def method_records(model, method: str, passes: Sequence[int], rows_per_sample: int = 1) -> List[Dict[str, Any]]:
     """What ``method`` did for each sample of the latest ``generate()`` (``passes[i]``: forward passes
     of sample ``i``'s own answer), as answer-record fields: ``memvr`` (the trigger layer, or None, per
     pass) and ``dola_layers`` (the premature hidden-state index per step). Only discrete decisions are
-    recorded, so answers files stay byte-identical across batch sizes. Traces are read once per batch."""
+    recorded, so answers files stay byte-identical across batch sizes. Traces are read once per batch.
+
+    ``rows_per_sample``: the model's rows per sample (the beams of beam search; sample ``i`` owns rows
+    ``i*k .. i*k+k-1``). With several, each pass records one trigger layer per beam row, in row order
+    (beam search reorders its hypotheses between passes, so a row is not one hypothesis throughout).
+    """
     import hallupatch
 
     parts = method.split("+")
     fired = hallupatch.get_trace(model, "memvr").trigger_layers() if "memvr" in parts else None
     contrasted = hallupatch.get_trace(model, "dola").layers() if "dola" in parts else None
+    k = rows_per_sample
     records: List[Dict[str, Any]] = []
     for sample, n in enumerate(passes):
         fields: Dict[str, Any] = {}
-        if fired is not None and sample < len(fired):
-            own = fired[sample][:n]
-            fields["memvr"] = {"passes": len(own), "triggered_passes": sum(x is not None for x in own),
-                               "trigger_layers": own}
+        if fired is not None and (sample + 1) * k <= len(fired):
+            rows = [fired[sample * k + beam][:n] for beam in range(k)]
+            if k == 1:
+                own = rows[0]
+                triggered = sum(x is not None for x in own)
+            else:
+                own = [list(per_pass) for per_pass in zip(*rows)]
+                triggered = sum(any(x is not None for x in per_pass) for per_pass in own)
+            fields["memvr"] = {"passes": len(own), "triggered_passes": triggered, "trigger_layers": own}
         if contrasted is not None and sample < len(contrasted):
             fields["dola_layers"] = contrasted[sample][:n]
         records.append(fields)
@@ -157,6 +170,14 @@ def open_run(out_dir: Path, settings: Mapping[str, Any], proc: Distributed, over
         check_settings(out_dir, settings)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during answering: where the run stopped (its answers so far are on disk)."""
+
+    def __init__(self, out_dir: Path, answered: int, total: int):
+        super().__init__(f"interrupted in {out_dir} with {answered} of {total} question(s) answered")
+        self.out_dir, self.answered, self.total = Path(out_dir), answered, total
+
+
 def answer_questions(
     backend,
     questions: Sequence[Question],
@@ -167,11 +188,15 @@ def answer_questions(
     proc: Distributed = Distributed(),
     method: str = "none",
     progress: bool = True,
+    question_seeds: Optional[int] = None,
 ) -> int:
     """Answer this process's shard of ``questions`` not yet in ``out_dir``, appending as it goes.
 
     Returns the number of answers produced now. ``method``: the method applied to the model, whose
-    trace each answer records (:func:`method_records`).
+    trace each answer records (:func:`method_records`). ``question_seeds``: a run seed; each question
+    is then answered on its own, with the random generators seeded by :func:`question_seed`, so that
+    sampled answers do not depend on the batch size, the shard or an interruption. Ctrl-C raises
+    :class:`RunInterrupted` (every answer written before it is kept).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
@@ -180,22 +205,37 @@ def answer_questions(
     done = finished_ids(out_dir, own_file=own_file)
     todo = [q for q in mine if q.qid not in done]
     bar = _progress(total=len(mine), initial=len(mine) - len(todo), enabled=progress, rank=proc.rank)
+    rows_per_sample = getattr(getattr(backend, "decoding", None), "num_beams", 1) or 1
     produced = 0
     try:
         with AnswerWriter(own_file) as writer:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                outputs = backend.generate(batch, max_new_tokens)
-                fields = method_records(backend.model, method, [o.get("new_tokens", 0) for o in outputs]) \
-                    if method != "none" else [None] * len(batch)
-                records = [answer_record(q, dict(out, prompt=backend.prompt(q)), f)
-                           for q, out, f in zip(batch, outputs, fields)]
+                calls = [batch] if question_seeds is None else [[q] for q in batch]
+                records = []
+                for chunk in calls:
+                    if question_seeds is not None:
+                        seed_everything(question_seed(question_seeds, chunk[0].qid))
+                    outputs = backend.generate(chunk, max_new_tokens)
+                    fields = method_records(backend.model, method, [o.get("new_tokens", 0) for o in outputs],
+                                            rows_per_sample) if method != "none" else [None] * len(chunk)
+                    records += [answer_record(q, dict(out, prompt=backend.prompt(q)), f)
+                                for q, out, f in zip(chunk, outputs, fields)]
                 writer.write(records)
                 produced += len(records)
                 bar.update(len(records))
+    except KeyboardInterrupt:
+        raise RunInterrupted(out_dir, len(mine) - len(todo) + produced, len(mine)) from None
     finally:
         bar.close()
     return produced
+
+
+def question_seed(seed: int, qid: str) -> int:
+    """The seed of question ``qid`` in a run seeded with ``seed`` (a hash of both, < 2**32)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{qid}".encode("utf-8")).digest()[:4], "big")
 
 
 def _progress(total: int, initial: int, enabled: bool, rank: int):
@@ -322,18 +362,92 @@ def question_style(backend, free_text: bool) -> Iterator[None]:
         backend.recipe = saved
 
 
+def check_knobs(variants: Mapping[str, Variant]) -> None:
+    """The checks of each variant's knobs that need no model (types and ranges: each method's config is
+    built from them), so that a wrong knob is refused before a model is loaded. Errors name the variant."""
+    from hallupatch.methods import parse_method
+
+    for label, variant in variants.items():
+        if variant.method == "none":
+            continue
+        try:
+            for method in parse_method(variant.method):
+                fields = method.config_cls.knobs()
+                method.config_cls.from_dict({k: v for k, v in variant.knobs.items() if k in fields})
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise type(err)(f"{label}: {err}") from None
+
+
+def check_variants(model, variants: Mapping[str, Variant], decoding: Decoding = GREEDY) -> None:
+    """Every check ``hallupatch.apply`` makes (knob ranges against this model's layers, a layer prior
+    against its candidate layers) and each method's check of the decoding settings, for every variant,
+    by applying and removing it: run before anything is written, so a refused setting leaves no trace.
+    Errors name the variant."""
+    from transformers import GenerationConfig
+
+    from hallupatch.engine import get_patch
+
+    generation = GenerationConfig.from_dict({**model.generation_config.to_dict(), **decoding.generate_kwargs()})
+    for label, variant in variants.items():
+        if variant.method == "none":
+            continue
+        try:
+            with applied(model, variant.method, variant.knobs):
+                for installed in get_patch(model).methods.values():
+                    check = getattr(installed, "check_generation_config", None)
+                    if check is not None:
+                        check(generation)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise type(err)(f"{label}: {err}") from None
+
+
+def file_hashes(knobs: Mapping[str, Any]) -> Dict[str, str]:
+    """``{knob: "sha256:..."}`` for each knob that names a file (a layer prior JSON), so that a resume with
+    another file at the same path is refused."""
+    import hashlib
+
+    return {name: "sha256:" + hashlib.sha256(Path(value).read_bytes()).hexdigest()
+            for name, value in knobs.items() if name == "layer_prior" and isinstance(value, (str, os.PathLike))}
+
+
+def run_settings(run: Run, variant: Variant) -> Dict[str, Any]:
+    """What ``run.json`` records for one variant: the run-wide settings, the method, its knobs (with
+    the hash of any file a knob names) and the batch size (recorded, not compared on resume)."""
+    settings = {**run.settings, "method": variant.method, "knobs": dict(variant.knobs), "batch_size": run.batch_size}
+    hashes = file_hashes(variant.knobs)
+    if hashes:
+        settings["file_hashes"] = hashes
+    return settings
+
+
+def seeds_per_question(decoding: Decoding, variant: Variant) -> Optional[int]:
+    """The run seed when its answers draw random numbers (sampling, or a layer prior drawn from the global
+    generator), so each question is seeded on its own (the same seed gives the same answers at any batch
+    size, shard or resume); ``None`` otherwise (answers are deterministic and batched)."""
+    if decoding.seed is None:
+        return None
+    draws_layers = variant.knobs.get("layer_prior") is not None and variant.knobs.get("seed") is None
+    return decoding.seed if decoding.do_sample or draws_layers else None
+
+
 def evaluate(task: Task, run: Run) -> tuple:
     """Answer and score ``run.questions`` once per method; returns ``({method: scores}, comparison)``
     (scores ``None`` on the processes of a sharded run other than the main one; comparison ``None``
-    unless several methods ran), and writes the comparison to ``comparison.json``."""
+    unless several methods ran), and writes the comparison to ``comparison.json``.
+
+    Every method's folder is checked for a resume first, so a refused one stops the run before any
+    method answers."""
     proc = current_process()
     results: Dict[str, Optional[Dict[str, Any]]] = {}
+    settings = {label: run_settings(run, variant) for label, variant in run.methods.items()}
+    if not run.overwrite:
+        for label in run.methods:
+            check_resumable(method_folder(run, label), settings[label])
     with question_style(run.backend, task.free_text):
         for label, variant in run.methods.items():
             method, knobs = variant.method, variant.knobs
             out = method_folder(run, label)
-            settings = {**run.settings, "method": method, "knobs": dict(knobs)}
-            open_run(out, settings, proc, overwrite=run.overwrite, on_main=lambda: task.prepare_output(out))
+            open_run(out, settings[label], proc, overwrite=run.overwrite, on_main=lambda: task.prepare_output(out))
             run.backend.decoding = run.decoding
             run.decoding.seed_everything()
             with applied(run.backend.model, method, knobs):
@@ -341,7 +455,7 @@ def evaluate(task: Task, run: Run) -> tuple:
                 produced = answer_questions(
                     task.answering(run.backend), run.questions, out, batch_size=run.batch_size,
                     max_new_tokens=run.max_new_tokens, proc=proc, method=method,
-                    progress=run.progress,
+                    progress=run.progress, question_seeds=seeds_per_question(run.decoding, variant),
                 )
                 elapsed = time.perf_counter() - start
             proc.barrier()
@@ -350,7 +464,8 @@ def evaluate(task: Task, run: Run) -> tuple:
                 continue
             if len(run.methods) > 1:
                 print(f"== {task.name}, {label}")
-            results[label] = finish(task, run.questions, out, settings)
+            # as run.json records them (with every batch size a resumed run used)
+            results[label] = finish(task, run.questions, out, read_settings(out / RUN_FILE))
             report(task, results[label], out, (produced, elapsed, proc.world))
     comparison = None
     if len(run.methods) > 1 and proc.is_main:

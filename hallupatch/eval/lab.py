@@ -55,17 +55,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="no lab.png")
 
 
-def choose_threshold(out: Path, backend) -> float:
-    """MemVR's threshold with the best adversarial accuracy on the lab's dev split (saved, so a rerun
-    resumes with the same choice)."""
+def choose_threshold(out: Path, backend, overwrite: bool = False) -> float:
+    """MemVR's threshold with the best adversarial accuracy on the lab's dev split, saved with the model
+    it was chosen for, so a rerun resumes with the same choice; ``overwrite`` chooses afresh, and a saved
+    choice for another model is refused (``StoreError``)."""
+    from hallupatch.eval.store import StoreError
+
     saved = out / "dev_threshold.json"
-    if saved.is_file():
-        return float(json.loads(saved.read_text(encoding="utf-8"))["threshold"])
+    if saved.is_file() and not overwrite:
+        try:
+            stored = json.loads(saved.read_text(encoding="utf-8"))
+            threshold = float(stored["threshold"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise StoreError(f"{saved} is damaged ({err}); pass --overwrite to choose the threshold again") from None
+        if stored.get("model", backend.name) != backend.name:
+            raise StoreError(f"{out} holds a run of another model ({stored['model']}, now {backend.name}): its "
+                             "dev-chosen threshold does not apply; use another --output, or pass --overwrite to "
+                             "discard that run")
+        return threshold
     from hallupatch.lab.measure import choose_threshold as on_dev
 
     threshold, scores = on_dev(backend.model, backend.processor, DEV_QUESTIONS)
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps({"threshold": threshold, "dev_adversarial_accuracy": {str(k): v for k, v in scores.items()},
+    saved.write_text(json.dumps({"threshold": threshold, "model": backend.name,
+                                 "dev_adversarial_accuracy": {str(k): v for k, v in scores.items()},
                                  "questions": DEV_QUESTIONS}, indent=2) + "\n", encoding="utf-8")
     return float(threshold)
 
@@ -80,7 +93,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     out = Path(args.output)
     check_output_folder(out)
     backend = lab_backend(args.model)
-    threshold = args.threshold if args.threshold is not None else choose_threshold(out, backend)
+    threshold = args.threshold if args.threshold is not None else choose_threshold(out, backend, args.overwrite)
     print(f"MemVR's tuned threshold: {threshold:g} ({'given' if args.threshold is not None else 'chosen on dev'})")
     shared = [*(["--limit", str(args.limit)] if args.limit else []), *(["--overwrite"] if args.overwrite else []),
               *(["--no-progress"] if args.no_progress else []), "--batch-size", str(LAB.batch_size)]

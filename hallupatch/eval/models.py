@@ -10,11 +10,12 @@ backends only turn a recipe into model inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -154,16 +155,29 @@ def expand_to_square(image, background: Tuple[int, int, int]):
     return canvas
 
 
-def detect_recipe(path: str) -> str:
-    """The recipe of a checkpoint folder, from its ``config.json``."""
+def config_path(path: str) -> Path:
+    """The ``config.json`` of ``--model``: in the folder, or for a hub name (``org/name``) from the cache or
+    the hub; ``FileNotFoundError`` saying which is missing (the folder, or its config)."""
     config_file = Path(path) / "config.json"
-    if not Path(path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        from huggingface_hub import hf_hub_download  # a hub name: its config from the cache or the hub
+    if not Path(path).exists():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            raise FileNotFoundError(f"--model {path} does not exist: give a checkpoint folder (save_pretrained layout)")
+        try:
+            from huggingface_hub import hf_hub_download
 
-        config_file = Path(hf_hub_download(path, "config.json"))
+            return Path(hf_hub_download(path, "config.json"))
+        except Exception as err:  # offline, unknown repository, no access: the hub's many error types
+            raise FileNotFoundError(f"--model {path} does not exist here, and the Hugging Face hub gave no model of "
+                                    f"that name ({type(err).__name__}); give a checkpoint folder") from None
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {path}: --model must be a checkpoint folder (save_pretrained layout)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    return config_file
+
+
+def detect_recipe(path: str) -> str:
+    """The recipe of a checkpoint folder, from its ``config.json``."""
+    config_file = config_path(path)
+    config = read_config(config_file)
     model_type = str(config.get("model_type", "")).lower()
     architectures = " ".join(config.get("architectures") or [])
     # the architecture first: the original LLaVA-1.5 checkpoints say model_type "llava" too
@@ -201,6 +215,31 @@ def _llava_next_recipe(path: str, text_config: Dict[str, Any]) -> str:
         "whose prompt recipe hallupatch does not know (llava-v1.6-34b uses ChatML); recipes: "
         f"{sorted(RECIPES)} (pass --recipe to choose one)"
     )
+
+
+def read_config(config_file: Path) -> Dict[str, Any]:
+    """A checkpoint's ``config.json`` as a dict; ``ValueError`` naming the file when it is not a JSON object."""
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}): the checkpoint's config is damaged") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a model config (a JSON object)")
+    return config
+
+
+@contextlib.contextmanager
+def loading(path: Union[str, Path]) -> Iterator[None]:
+    """Errors while reading a checkpoint's files (damaged safetensors, a config or tokenizer file that is
+    not JSON, a missing weight file) as one ``ValueError`` naming the checkpoint, never a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the checkpoint {path}: {first} ({type(err).__name__}); its files are "
+                         "damaged or incomplete: save or download it again") from None
 
 
 class Backend:
@@ -464,13 +503,24 @@ def load_backend(
     work_dir: Optional[Path] = None,
 ) -> Backend:
     """Load a checkpoint folder with its recipe's loader and prompt (the recipe detected if ``None``)."""
-    name = recipe or detect_recipe(path)
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    if recipe is not None and recipe not in RECIPES:
+        from hallupatch.names import did_you_mean
+
+        raise ValueError(f"unknown recipe {recipe!r}{did_you_mean(recipe, RECIPES)}; choose one of {sorted(RECIPES)}")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if recipe is not None:   # a missing folder or a damaged config is named before any loader runs
+        read_config(config_path(path))
+    name = recipe or detect_recipe(path)
     recipe = RECIPES[name]
     checkpoint_name = Path(path).name
+    with loading(path):
+        return _load(path, name, recipe, device, torch_dtype, checkpoint_name, work_dir)
+
+
+def _load(path: str, name: str, recipe: Recipe, device: str, torch_dtype: torch.dtype, checkpoint_name: str,
+          work_dir: Optional[Path]) -> Backend:
+    """The backend of recipe ``name`` (see :func:`load_backend`)."""
     if name in PROCESSOR_MODELS:
         import transformers
 

@@ -70,7 +70,9 @@ def preset_help() -> str:
 def get_preset(name: str, benchmark: str) -> Preset:
     """The preset ``name`` for ``benchmark``; ``ValueError`` naming the valid ones otherwise."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} (--preset help describes them)")
+        from hallupatch.names import did_you_mean
+
+        raise ValueError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; choose one of {sorted(PRESETS)} (--preset help describes them)")
     preset = PRESETS[name]
     if preset.benchmark != benchmark:
         raise ValueError(f"preset {name!r} is for {preset.benchmark}, not {benchmark}: "

@@ -104,8 +104,12 @@ class AnswerWriter:
         self.close()
 
 
+#: settings that ``run.json`` records but a resume need not match: answers do not depend on them
+RECORD_ONLY = ("batch_size",)
+
+
 def _differences(stored: Mapping, current: Mapping) -> List[str]:
-    keys = sorted(set(stored) | set(current))
+    keys = sorted((set(stored) | set(current)) - set(RECORD_ONLY))
     return [f"{k}: {stored.get(k)!r} (stored) vs {current.get(k)!r} (now)" for k in keys if stored.get(k) != current.get(k)]
 
 
@@ -127,7 +131,10 @@ def check_output_folder(out_dir: Path) -> None:
 def prepare_output(out_dir: Path, settings: Mapping, overwrite: bool = False) -> None:
     """Create ``out_dir`` and store ``settings`` in ``run.json``; on a resume, refuse other settings.
 
-    ``overwrite`` discards the previous run's files (answers, scores, tool files) first.
+    ``overwrite`` discards the previous run's files (answers, scores, tool files) first. A ``run.json``
+    with no answers next to it protects nothing, so it is replaced by these settings (a corrected command
+    is never blocked by the folder a refused one left). A resume records every batch size used
+    (:data:`RECORD_ONLY`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,39 +145,64 @@ def prepare_output(out_dir: Path, settings: Mapping, overwrite: bool = False) ->
         shutil.rmtree(out_dir / "mme_tool", ignore_errors=True)
     settings = json.loads(json.dumps(settings))  # normalise tuples etc. as JSON would
     check_resumable(out_dir, settings)
-    if run_file.exists():
-        return
+    if run_file.exists() and finished_ids(out_dir):
+        stored = read_settings(run_file)
+        recorded = _record_only(stored, settings)
+        if recorded == {k: stored.get(k) for k in recorded}:
+            return
+        settings = {**stored, **recorded}
     tmp = run_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, run_file)
 
 
+def _record_only(stored: Mapping, current: Mapping) -> dict:
+    """The :data:`RECORD_ONLY` values of a resumed run: each one's values so far and now, a list once they differ."""
+    merged = {}
+    for key in RECORD_ONLY:
+        if key not in current:
+            continue
+        before = stored.get(key)
+        seen = before if isinstance(before, list) else [] if before is None else [before]
+        if current[key] not in seen:
+            seen = seen + [current[key]]
+        merged[key] = seen[0] if len(seen) == 1 else seen
+    return merged
+
+
 def check_resumable(out_dir: Path, settings: Mapping) -> None:
-    """Raise ``StoreError`` when ``out_dir`` holds a run these settings cannot resume (read-only, so every
-    process of a sharded run can check it and stop, instead of waiting for the one that failed)."""
+    """Raise ``StoreError`` when ``out_dir`` holds answers these settings cannot resume (read-only, so every
+    process of a sharded run can check it and stop, instead of waiting for the one that failed). A
+    ``run.json`` without answers blocks nothing: :func:`prepare_output` replaces it."""
     out_dir = Path(out_dir)
-    if (out_dir / RUN_FILE).exists():
+    answered = bool(finished_ids(out_dir))
+    if answered and (out_dir / RUN_FILE).exists():
         check_settings(out_dir, settings)
-    elif all_answer_files(out_dir):
+    elif answered:
         raise StoreError(
             f"{out_dir} holds answers but no {RUN_FILE}, so they cannot be checked against this run; "
             "use another --output or pass --overwrite to discard them"
         )
 
 
-def check_settings(out_dir: Path, settings: Mapping) -> None:
-    """Raise ``StoreError`` listing the differences when ``out_dir/run.json`` holds other settings."""
-    run_file = Path(out_dir) / RUN_FILE
+def read_settings(run_file: Path) -> dict:
+    """The settings stored in ``run_file`` (``StoreError`` when it is not JSON)."""
     try:
-        stored = json.loads(run_file.read_text(encoding="utf-8"))
+        return json.loads(Path(run_file).read_text(encoding="utf-8"))
     except ValueError as err:
         raise StoreError(f"{run_file} is not valid JSON ({err}); delete it or pass --overwrite") from None
+
+
+def check_settings(out_dir: Path, settings: Mapping) -> None:
+    """Raise ``StoreError`` listing the differences when ``out_dir/run.json`` holds other settings."""
+    stored = read_settings(Path(out_dir) / RUN_FILE)
     diff = _differences(stored, json.loads(json.dumps(settings)))
     if diff:
         raise StoreError(
             f"{out_dir} holds a run with different settings, so its answers cannot be resumed:\n  "
             + "\n  ".join(diff)
-            + "\nUse another --output for the new settings, or pass --overwrite to discard the old run."
+            + f"\nUse another --output for the new settings, or discard these answers: delete {out_dir}, or pass "
+            "--overwrite (it discards the answers of every method in --output)."
         )
 
 

@@ -5,8 +5,10 @@ import argparse
 import sys
 from typing import List, Optional
 
+from hallupatch.names import SuggestingParser
 
-class _Parser(argparse.ArgumentParser):
+
+class _Parser(SuggestingParser):
     def error(self, message):  # one line and exit 2, as argparse does, never a traceback
         self.exit(2, f"error: {message}\n")
 
@@ -23,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                         "2 idle cores; on a busy machine use 1)")
     t.add_argument("--vision-steps", type=int, help="override the vision stage's steps")
     t.add_argument("--language-steps", type=int, help="override the language stage's steps")
+    t.add_argument("--overwrite", action="store_true",
+                   help="discard a previous training in --out (finished or not) and train afresh")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     m = sub.add_parser("measure", help="print the lab's figures (accuracy, planted hallucination, methods)")
     m.add_argument("--model", help="checkpoint folder (default: the shipped one)")
@@ -50,7 +54,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 config = replace(config, vision_steps=args.vision_steps)
             if args.language_steps is not None:
                 config = replace(config, language_steps=args.language_steps)
-            out = train(args.out, config, threads=args.threads, progress=not args.no_progress)
+            out = train(args.out, config, threads=args.threads, progress=not args.no_progress,
+                        overwrite=args.overwrite)
             print(f"checkpoint: {out}")
         elif args.command == "measure":
             from hallupatch.lab.measure import measure
@@ -65,6 +70,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = "; rerun the same command to resume from the last saved step" if args.command == "train" else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        return 130
     return 0
 
 

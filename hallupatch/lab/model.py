@@ -84,16 +84,46 @@ def save_checkpoint(model, processor, path: Union[str, Path]) -> Path:
     return path
 
 
+LAB_NEEDS = ("the lab needs a llava-hf LlavaForConditionalGeneration checkpoint (LLaMA decoder, CLIP vision tower) "
+             "with the lab's word-level tokenizer, as `python -m hallupatch.lab train --out DIR` writes; to evaluate "
+             "another model, run a benchmark on it: python -m hallupatch.eval pope --model PATH --data ...")
+
+
+def check_lab_checkpoint(folder: Path) -> None:
+    """Refuse (``FileNotFoundError`` / ``ValueError`` saying what the lab needs) a folder that is not a lab
+    checkpoint, from its ``config.json``, before any weight is read."""
+    from hallupatch.eval.models import read_config
+
+    config_file = folder / "config.json"
+    if not folder.exists():
+        raise FileNotFoundError(f"no lab checkpoint in {folder}: the folder does not exist; train one with "
+                                "`python -m hallupatch.lab train --out DIR` and pass that folder")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no lab checkpoint in {folder} (expected config.json and model.safetensors); "
+                                "train one with `python -m hallupatch.lab train --out DIR` and pass that folder")
+    config = read_config(config_file)
+    architectures = config.get("architectures") or []
+    text_type = (config.get("text_config") or {}).get("model_type", "llama")
+    if config.get("model_type") != "llava" or "LlavaForConditionalGeneration" not in architectures or text_type != "llama":
+        raise ValueError(f"{folder} is not a lab checkpoint (model_type {config.get('model_type')!r}, architectures "
+                         f"{architectures}, decoder {text_type!r}): {LAB_NEEDS}")
+
+
 def load_lab_model(path: Union[str, Path, None] = None, dtype: torch.dtype = torch.float32) -> Tuple[object, object]:
     """``(model, processor)`` of the lab checkpoint: the one shipped in the package by default, or the
     folder ``path`` (e.g. written by ``python -m hallupatch.lab train``). Offline; eval mode; weights
-    stored in float16 are computed in ``dtype`` (float32 by default, the fast choice on CPU)."""
+    stored in float16 are computed in ``dtype`` (float32 by default, the fast choice on CPU). A folder
+    that is not a lab checkpoint (another architecture, another tokenizer) is refused, saying what the
+    lab needs."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from hallupatch.eval.models import loading
+
     folder = Path(path) if path is not None else CHECKPOINT_DIR
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no lab checkpoint in {folder} (expected config.json and model.safetensors); "
-                                "train one with `python -m hallupatch.lab train --out DIR` and pass that folder")
-    model = LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=dtype, attn_implementation="eager")
-    processor = AutoProcessor.from_pretrained(folder)
+    check_lab_checkpoint(folder)
+    with loading(folder):
+        processor = AutoProcessor.from_pretrained(folder)
+        if processor.tokenizer.get_vocab() != build_tokenizer().get_vocab():
+            raise ValueError(f"{folder} is a LLaVA checkpoint with another tokenizer than the lab's: {LAB_NEEDS}")
+        model = LlavaForConditionalGeneration.from_pretrained(folder, torch_dtype=dtype, attn_implementation="eager")
     return model.eval(), processor

@@ -196,6 +196,63 @@ class _TagHead(torch.nn.Module):
         return self.linear(hidden)
 
 
+#: what a training writes into its folder (the checkpoint, its log and the resumable state)
+TRAINING_FILES = ("config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
+                  "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", LOG_FILE, STATE_FILE)
+_STATE_KEYS = ("config", "threads", "done", "stage", "model", "head", "probes", "optimizer", "scheduler", "losses",
+               "elapsed")
+
+
+def discard_training(out: Path) -> None:
+    """Delete what a lab training wrote into ``out`` (nothing else)."""
+    for name in TRAINING_FILES:
+        (Path(out) / name).unlink(missing_ok=True)
+
+
+def _setting_differences(stored: dict, config: TrainConfig, threads: int) -> List[str]:
+    now = {**asdict(config), "threads": threads}
+    stored = {**(stored.get("config") or {}), "threads": stored.get("threads")}
+    return [f"{k}: {stored.get(k)!r} (stored) vs {now.get(k)!r} (now)" for k in sorted(set(now) | set(stored))
+            if stored.get(k) != now.get(k)]
+
+
+def previous_training(out: Path, config: TrainConfig, threads: int):
+    """What a previous training left in ``out``: ``None`` (nothing), ``"finished"`` (a finished training
+    of these settings) or the resumable state dict of these settings; ``ValueError`` for anything else
+    (other settings, named; a corrupt state or log; a checkpoint no lab training finished)."""
+    out = Path(out)
+    state_path, log_path = out / STATE_FILE, out / LOG_FILE
+    fresh = "use another --out, or pass --overwrite to discard it and train afresh"
+    if state_path.is_file():
+        try:
+            saved = torch.load(state_path, weights_only=False, map_location="cpu")
+        except Exception as err:  # torch raises many kinds for a truncated or foreign file
+            raise ValueError(f"{state_path} is corrupt and cannot be resumed ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); {fresh}") from None
+        if not isinstance(saved, dict) or any(k not in saved for k in _STATE_KEYS):
+            raise ValueError(f"{state_path} is not a lab training state (it lacks its fields); {fresh}")
+        diff = _setting_differences(saved, config, threads)
+        if diff:
+            raise ValueError(f"{state_path} belongs to an unfinished training with other settings: "
+                             f"{'; '.join(diff)}; {fresh}")
+        return saved
+    if log_path.is_file():
+        try:
+            log = json.loads(log_path.read_text(encoding="utf-8"))
+            if not isinstance(log, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            raise ValueError(f"{log_path} is corrupt ({err}); {fresh}") from None
+        diff = _setting_differences(log, config, threads)
+        if diff:
+            raise ValueError(f"{out} holds a finished training with other settings: {'; '.join(diff)}; {fresh}")
+        if (out / "config.json").is_file():
+            return "finished"
+    if (out / "config.json").is_file() or (out / "model.safetensors").is_file():
+        raise ValueError(f"{out} holds a checkpoint that no lab training finished (no {LOG_FILE}); {fresh}")
+    return None
+
+
 def _save_state(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -204,10 +261,13 @@ def _save_state(path: Path, state: dict) -> None:
 
 @torch.enable_grad()  # also when called under torch.no_grad()
 def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: int = 2,
-          progress: bool = True, stop_after: Optional[int] = None) -> Path:
+          progress: bool = True, stop_after: Optional[int] = None, overwrite: bool = False) -> Path:
     """Train the lab model into ``out`` (a ``from_pretrained`` folder) and return the path.
 
-    Resumes from ``out/train_state.pt`` when a previous run left one (same config required).
+    Resumes from ``out/train_state.pt`` when a previous run left one, and returns a finished training
+    of the same settings as it is; other settings (or a checkpoint no lab training finished) are
+    refused with the difference named, and a corrupt state file is reported as such. ``overwrite``:
+    discard what a previous training left in ``out`` and start afresh (after the settings are checked).
     ``stop_after``: stop once that many steps (both stages counted) are done, leaving the checkpoint, as
     a killed run would (for tests). ``threads``: torch's CPU threads (results depend on it).
     """
@@ -220,6 +280,11 @@ def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: 
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer; got {threads!r}")
     out = Path(out)
+    if overwrite:
+        discard_training(out)
+    previous = previous_training(out, config, threads)
+    if previous == "finished":
+        return out
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
     torch.set_num_threads(threads)
@@ -234,20 +299,12 @@ def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: 
     probes.visible.reset_parameters()
     total = config.vision_steps + config.language_steps
     done, losses, elapsed = 0, {"vision": [], "language": []}, 0.0
-    saved = None
-    if state_path.is_file():
-        saved = torch.load(state_path, weights_only=False)
-        if saved["config"] != asdict(config) or saved["threads"] != threads:
-            raise ValueError(
-                f"{state_path} was written by a run with other settings ({saved['config']}, threads={saved['threads']}); "
-                "use another --out or delete it"
-            )
+    saved = previous if isinstance(previous, dict) else None
+    if saved is not None:
         model.load_state_dict(saved["model"])
         head.load_state_dict(saved["head"])
         probes.load_state_dict(saved["probes"])
         done, losses, elapsed = saved["done"], saved["losses"], saved["elapsed"]
-    elif (out / "config.json").is_file() and (out / LOG_FILE).is_file():
-        return out  # finished earlier
 
     def make_optimizer(stage: str):
         if stage == "vision":

@@ -72,8 +72,11 @@ def parse_method(method: str) -> List[Method]:
     names = [name.strip() for name in str(method).split("+")]
     unknown = [name for name in names if name not in METHODS]
     if unknown or len(set(names)) != len(names):
+        from hallupatch.names import did_you_mean
+
+        hint = did_you_mean(unknown[0], METHODS) if unknown else ""
         raise ValueError(
-            f"unknown method {method!r}: use one of {sorted(METHODS)} or several joined with '+' (e.g. 'memvr+dola')"
+            f"unknown method {method!r}{hint}: use one of {sorted(METHODS)} or several joined with '+' (e.g. 'memvr+dola')"
         )
     return [METHODS[name] for name in names]
 

@@ -99,6 +99,8 @@ class DoLaConfig(MethodConfig):
                 prior = prior.tolist()
             try:
                 values = [float(w) for w in prior]
+            except OverflowError:
+                raise ValueError(f"layer_prior weights must be finite numbers; got an integer beyond float's range") from None
             except (TypeError, ValueError):
                 raise ValueError(
                     f"layer_prior must be None, a list of numbers, a {{layer: weight}} mapping or a JSON path; got {prior!r}"
@@ -249,14 +251,17 @@ class LayerContrast:
         processors = original(*args, **kwargs)
         generation_config = kwargs.get("generation_config", args[0] if args else None)
         if generation_config is not None:
-            self._check_generation_config(generation_config)
+            self.check_generation_config(generation_config)
+            self._warn_repetition_penalty(generation_config)
         # a new generate() call: fresh trace, and the seeded layer draws start again
         self.trace = LayerContrastTrace(self.candidates)
         self._generators = None
         processors.insert(0, LayerContrastProcessor(self))
         return processors
 
-    def _check_generation_config(self, generation_config) -> None:
+    def check_generation_config(self, generation_config) -> None:
+        """Refuse what layer contrast cannot decode (beam search, contrastive search); also run before
+        any answer is generated (the eval harness's checks)."""
         if (generation_config.num_beams or 1) > 1:
             raise ValueError(
                 "layer contrast (method 'dola') works with greedy decoding and sampling only; "
@@ -265,6 +270,8 @@ class LayerContrast:
         alpha, top_k = generation_config.penalty_alpha, generation_config.top_k
         if alpha is not None and alpha > 0 and top_k is not None and top_k > 1:
             raise ValueError("layer contrast (method 'dola') does not combine with contrastive search (penalty_alpha)")
+
+    def _warn_repetition_penalty(self, generation_config) -> None:
         penalty = generation_config.repetition_penalty
         if not self._warned and (penalty is None or penalty < RECOMMENDED_REPETITION_PENALTY):
             self._warned = True

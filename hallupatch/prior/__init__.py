@@ -49,6 +49,8 @@ def _number(value: Any, what: str, where: str) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{where}: {what} must be a number; got {value!r}") from None
+    except OverflowError:   # an integer beyond float's range
+        raise ValueError(f"{where}: {what} must be finite; got an integer of {len(str(value))} digits") from None
     if not math.isfinite(number):
         raise ValueError(f"{where}: {what} must be finite; got {value!r}")
     return number
@@ -182,21 +184,27 @@ def estimate_layer_prior(scored: Any, group_size: Optional[int] = None) -> Dict[
     layer, a negative or non-finite score or confidence, scores that are all zero (nothing to normalise;
     drop that sample); and when every kept product is zero.
     """
-    totals: Dict[int, float] = {}
+    kept: List[Tuple[int, float]] = []   # each sample's best layer and its product
+    layers = set()
     for sample in scored_samples(scored, group_size):
-        total_score = sum(sample.scores)
-        if total_score == 0.0:
+        top = max(sample.scores)
+        if top == 0.0:
             raise ValueError(
                 f"{sample.where}: every candidate has IoU 0, so its IoUs cannot be normalised; drop this sample"
             )
-        products = [score / total_score * confidence for score, confidence in zip(sample.scores, sample.confidences)]
+        scaled = [score / top for score in sample.scores]   # the prior is scale-free; huge IoUs stay finite
+        total_score = sum(scaled)
+        products = [score / total_score * confidence for score, confidence in zip(scaled, sample.confidences)]
         best = max(range(len(products)), key=lambda i: (products[i], -i))  # the first on ties
-        for layer in sample.layers:
-            totals.setdefault(layer, 0.0)
-        totals[sample.layers[best]] += products[best]
-    grand_total = sum(totals.values())
-    if grand_total == 0.0:
+        layers.update(sample.layers)
+        kept.append((sample.layers[best], products[best]))
+    largest = max(product for _, product in kept)
+    if largest == 0.0:
         raise ValueError("every kept score is 0 (all confidences of the best candidates are 0); no prior can be formed")
+    totals = {layer: 0.0 for layer in layers}
+    for layer, product in kept:
+        totals[layer] += product / largest   # scaled so that huge confidences do not overflow the sum
+    grand_total = sum(totals.values())
     return {layer: totals[layer] / grand_total for layer in sorted(totals)}
 
 
@@ -253,10 +261,24 @@ def load_layer_prior(path: PriorFile) -> Dict[int, float]:
     raise ValueError(f"{path} is not a layer prior: {expected}")
 
 
+class _DuplicateKey(Exception):
+    """A JSON object with a key given twice (``json`` would keep the last silently)."""
+
+
 def read_json(path: PriorFile) -> Any:
-    """The parsed JSON of ``path``; ``ValueError`` for a file that is not UTF-8 JSON or nests too deeply."""
+    """The parsed JSON of ``path``; ``ValueError`` for a file that is not UTF-8 JSON, nests too deeply or
+    gives one key twice in an object (a layer's weight given twice)."""
+    def refuse_duplicates(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise _DuplicateKey(f"{path} gives the key(s) {repeated} twice in one object; keep one of each")
+        return dict(pairs)
+
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicates)
+    except _DuplicateKey as err:
+        raise ValueError(str(err)) from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 JSON") from None
     except json.JSONDecodeError as err:

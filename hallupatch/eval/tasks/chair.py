@@ -15,7 +15,7 @@ from hallupatch.eval.chair import (
     ChairWords, caption_stats, chair_from_stats, coco_ground_truth, find_coco_annotations, sample_image_ids,
     score_captions,
 )
-from hallupatch.eval.data import DataError, PathLike, Question, answer_records, read_json
+from hallupatch.eval.data import DataError, PathLike, Question, add_answer, answer_records, answer_text, read_json
 from hallupatch.eval.store import write_json
 from hallupatch.eval.tasks import Task, fmt_percent, register_task, two_column_table, with_counts
 
@@ -85,13 +85,18 @@ def read_chair_answers(path: PathLike) -> List[Tuple[int, str]]:
     records (OPERA / MemVR output; ``text`` is accepted for ``caption``)."""
     path = Path(path)
     rows = answer_records(path)
-    pairs = []
+    captions: Dict[int, str] = {}
     for i, row in enumerate(rows, 1):
-        caption = row.get("caption", row.get("text"))
-        if "image_id" not in row or caption is None:
+        key = "caption" if "caption" in row else "text" if "text" in row else None
+        if "image_id" not in row or key is None:
             raise DataError(f"{path}: record {i} needs image_id and caption; got keys {sorted(row)}")
-        pairs.append((int(row["image_id"]), str(caption)))
-    return pairs
+        where = f"{path}: record {i}"
+        try:
+            image_id = int(row["image_id"])
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: image_id must be an integer (a COCO image id); got {row['image_id']!r}") from None
+        add_answer(captions, image_id, answer_text(row[key], where, key), where)
+    return list(captions.items())
 
 
 def score_chair_pairs(pairs: Sequence[Tuple[int, str]], ground_truth: Mapping[int, set],

@@ -14,7 +14,9 @@ from pathlib import Path
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from hallupatch.eval.data import DataError, Question, json_lines, match_llava_answers, normalized_prompt, yes_no_label
+from hallupatch.eval.data import (
+    DataError, Question, add_answer, answer_text, json_lines, match_llava_answers, normalized_prompt, yes_no_label,
+)
 from hallupatch.eval.scoring import POPE_SPLITS, POPERecord, parse_pope_answer, score_pope
 from hallupatch.eval.tasks import Task, answered_questions, partial_note, register_task, with_counts
 
@@ -130,9 +132,9 @@ def match_llava_pope_answers(path: Union[str, Path], questions: Sequence[Questio
     for where, row in json_lines(path):
         if "question_id" not in row or "text" not in row:
             raise DataError(f"{where}: an answer line needs 'question_id' and 'text'")
-        qid, text = str(row["question_id"]), str(row["text"])
+        qid, text = str(row["question_id"]), answer_text(row["text"], where)
         if qid in own:   # this tool's own answers.jsonl
-            texts.setdefault(qid, text)
+            add_answer(texts, qid, text, where)
             continue
         if qid not in llava_questions:
             raise DataError(f"{where}: question_id {qid} is not in {question_file}")
