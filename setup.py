@@ -33,5 +33,6 @@ setup(
     ],
     # accelerate: `accelerate launch -m hallupatch.eval` shards a benchmark over processes/GPUs
     # (its PartialState gives rank, world size, device and barriers); the test installs it to check that.
-    extras_require={"test": ["pytest", "accelerate"], "eval": ["accelerate"]},
+    # peft (tests only): real PeftModel wrappers for apply()'s PEFT support; 0.11.1 matches transformers 4.40
+    extras_require={"test": ["pytest", "accelerate", "peft==0.11.1"], "eval": ["accelerate"]},
 )
