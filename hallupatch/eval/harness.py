@@ -185,17 +185,30 @@ def answer_questions(
         with AnswerWriter(own_file) as writer:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                outputs = backend.generate(batch, max_new_tokens)
-                fields = method_records(backend.model, method, [o.get("new_tokens", 0) for o in outputs]) \
-                    if method != "none" else [None] * len(batch)
-                records = [answer_record(q, dict(out, prompt=backend.prompt(q)), f)
-                           for q, out, f in zip(batch, outputs, fields)]
+                answered: Dict[str, Dict[str, Any]] = {}
+                for group in generate_batches(backend, batch):
+                    outputs = backend.generate(group, max_new_tokens)
+                    fields = method_records(backend.model, method, [o.get("new_tokens", 0) for o in outputs]) \
+                        if method != "none" else [None] * len(group)
+                    answered.update({q.qid: answer_record(q, dict(out, prompt=backend.prompt(q)), f)
+                                     for q, out, f in zip(group, outputs, fields)})
+                records = [answered[q.qid] for q in batch]
                 writer.write(records)
                 produced += len(records)
                 bar.update(len(records))
     finally:
         bar.close()
     return produced
+
+
+def generate_batches(backend, batch: Sequence[Question]) -> List[List[Question]]:
+    """``batch`` split into the groups one ``generate()`` call can take (``backend.batch_key``: e.g.
+    LLaVA-NeXT's images of one size), each in question order."""
+    key = getattr(backend, "batch_key", None)   # backends written for tests may not have it
+    groups: Dict[Any, List[Question]] = {}
+    for q in batch:
+        groups.setdefault(key(q) if key is not None else None, []).append(q)
+    return list(groups.values())
 
 
 def _progress(total: int, initial: int, enabled: bool, rank: int):

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -204,6 +204,11 @@ class Backend:
     def generate(self, questions: Sequence[Question], max_new_tokens: Optional[int]) -> List[Dict[str, Any]]:
         raise NotImplementedError
 
+    def batch_key(self, q: Question) -> Hashable:
+        """Questions of one ``generate()`` call must share this key (the harness splits a batch by it,
+        keeping the answers in question order); the default lets any questions share a batch."""
+        return None
+
     def _decode(self, tokenizer, output: torch.Tensor, prompt_len: int, eos_ids: Sequence[int]) -> List[Tuple[str, int]]:
         new = output[:, prompt_len:]
         results = []
@@ -238,10 +243,20 @@ class LlavaHFBackend(Backend):
         mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.background = tuple(int(x * 255) for x in mean)
 
+    def _image(self, q: Question):
+        image = q.load_image()
+        return expand_to_square(image, self.background) if self.recipe.pad_to_square else image
+
+    def batch_key(self, q: Question) -> Hashable:
+        """LLaVA-NeXT (an image processor with ``image_grid_pinpoints``): the image size. Its anyres grid and
+        unpadding give each size its own number of visual tokens, which transformers 4.40 can neither pad
+        in the processor nor stack in the model, so images of one size share a batch."""
+        if getattr(self.processor.image_processor, "image_grid_pinpoints", None) is None:
+            return None
+        return self._image(q).size
+
     def generate(self, questions, max_new_tokens):
-        images = [q.load_image() for q in questions]
-        if self.recipe.pad_to_square:
-            images = [expand_to_square(img, self.background) for img in images]
+        images = [self._image(q) for q in questions]
         texts = [self.recipe.template.format(question=self.prompt(q)) for q in questions]
         if self.nested_images:
             images = [[image] for image in images]
