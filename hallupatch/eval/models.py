@@ -10,11 +10,14 @@ backends only turn a recipe into model inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -401,6 +404,38 @@ def resolve_device(name: Optional[str]) -> str:
     return name
 
 
+# Below this many parameters a CPU forward pass is too short for OpenMP's threads to pay off: on cores that
+# other processes keep busy, a second thread spins at every barrier waiting for a core (the lab's main
+# job took 14 min with torch's two threads on two busy cores, 1 min 42 s with one; eval/bench_threads.py).
+SMALL_MODEL_PARAMETERS = 50_000_000
+THREADS_HELP = ("CPU threads of the model (default: OMP_NUM_THREADS when set, else 1 for a small model on the CPU, "
+                "where more threads only wait for busy cores, else one per core)")
+
+
+def choose_threads(model: torch.nn.Module, requested: Optional[int] = None) -> str:
+    """Set torch's intra-op threads for an evaluation and say how they were chosen.
+
+    ``requested`` (``--threads``) wins; else the user's ``OMP_NUM_THREADS`` (which torch already read) is
+    kept; else a small model (< :data:`SMALL_MODEL_PARAMETERS`) on the CPU runs on one thread, and any
+    other model keeps torch's default (one per core). Returns e.g. ``"1 thread (small model on the CPU)"``.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1; got {requested}")
+        torch.set_num_threads(requested)
+        reason = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        reason = "OMP_NUM_THREADS"
+    elif next(model.parameters()).device.type == "cpu" and \
+            sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+        reason = "small model on the CPU; --threads N to change"
+    else:
+        reason = "torch's default"
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''} ({reason})"
+
+
 def resolve_dtype(name: Optional[str], device: str) -> torch.dtype:
     if name is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
@@ -410,11 +445,37 @@ def resolve_dtype(name: Optional[str], device: str) -> torch.dtype:
     return valid[name]
 
 
+class _DropSpecialTokensAdvice(logging.Filter):
+    """Drops transformers' "Special tokens have been added in the vocabulary" advice, which every
+    checkpoint with an added ``<image>`` token triggers at load time and no evaluation user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Special tokens have been added in the vocabulary")
+
+
+@contextlib.contextmanager
+def quiet_tokenizer_loading() -> Iterator[None]:
+    """Load tokenizers in the block without the special-tokens advice (other messages pass)."""
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    advice = _DropSpecialTokensAdvice()
+    logger.addFilter(advice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(advice)
+
+
 def load_backend(
     path: str, recipe: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None,
     work_dir: Optional[Path] = None,
 ) -> Backend:
     """Load a checkpoint folder with its recipe's loader and prompt (the recipe detected if ``None``)."""
+    with quiet_tokenizer_loading():
+        return _load_backend(path, recipe, device, dtype, work_dir)
+
+
+def _load_backend(path: str, recipe: Optional[str], device: Optional[str], dtype: Optional[str],
+                  work_dir: Optional[Path]) -> Backend:
     name = recipe or detect_recipe(path)
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
