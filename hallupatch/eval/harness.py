@@ -435,7 +435,7 @@ MAX_LABEL = 32       # longer method labels are shortened on screen
 
 def details_line(out_dir: Path) -> str:
     """Where a multi-method run's details are (printed under its comparison table)."""
-    return f"details: {Path(out_dir) / COMPARISON_FILE}, {Path(out_dir) / '<method>' / REPORT_FILE}"
+    return f"details: {COMPARISON_FILE} and <method>/{REPORT_FILE} in {out_dir}"
 
 
 def format_p(p: Optional[float]) -> str:

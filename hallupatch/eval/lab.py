@@ -14,11 +14,12 @@ import contextlib
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from hallupatch.eval.embedded import LAB, LAB_MEMVR_WINDOW, lab_backend
-from hallupatch.eval.harness import Variant
+from hallupatch.eval.harness import SCREEN_WIDTH, Variant
 from hallupatch.eval.models import THREADS_HELP, choose_threads
 from hallupatch.eval.stats import wilson_interval
 
@@ -165,11 +166,13 @@ def render_header(facts: Mapping[str, Any]) -> str:
         *([f"limit     the first {facts['limit']} questions of each benchmark"] if facts["limit"] else []),
         f"decoding  greedy; {LAB.answer_tokens} new tokens for yes/no, {LAB.caption_tokens} for captions",
         f"dev       {dev}",
-        "settings  knobs besides the published ones (MemVR: 0-based decoder layers; DoLa: hidden-state indices)",
+        "settings  knobs set here (layers: MemVR's are 0-based decoder layers, DoLa's hidden-state indices)",
     ]
-    width = max(len(label) for label in facts["settings"]) + 2
+    width = max(len(label) for label in facts["settings"]) + 4
     for label, knobs in facts["settings"].items():
-        lines.append(f"  {label:<{width}}" + (", ".join(f"{k}={v}" for k, v in knobs.items()) or "-"))
+        text = ", ".join(f"{k}={v}" for k, v in knobs.items()) or "-"
+        lines.extend(textwrap.wrap(text, SCREEN_WIDTH, initial_indent=f"  {label:<{width - 2}}",
+                                   subsequent_indent=" " * width))
     return "\n".join(lines)
 
 
