@@ -223,7 +223,18 @@ def _folders(out: Path, benchmark: str, comparison: Mapping[str, Any]) -> Dict[s
 
 
 def plot(out: Path, results: Mapping[str, Any]) -> Path:
-    """``lab.png``: POPE accuracy per split with 95% Wilson intervals; CHAIR's change against the
+    """Draw :func:`figure` into ``<out>/lab.png``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(out, results)
+    path = out / "lab.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def figure(out: Path, results: Mapping[str, Any]):
+    """The ``lab.png`` figure: POPE accuracy per split with 95% Wilson intervals; CHAIR's change against the
     baseline with the 95% bootstrap interval of that paired difference; MemVR's entropy profile on the
     yes/no answers; after which decoder layer MemVR fired; which hidden state DoLa contrasted. Every layer
     axis names its convention (0-based decoder layer, or hidden-state index) and has integer ticks."""
@@ -306,10 +317,7 @@ def plot(out: Path, results: Mapping[str, Any]) -> Path:
         "Which layer DoLa contrasted (POPE)", MaxNLocator)
 
     fig.tight_layout()
-    path = out / "lab.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _layer_dots(ax, series: Mapping[str, List[int]], ylabel: str, title: str, locator) -> None:
