@@ -1,6 +1,6 @@
 """The main job's wall time on busy cores: torch's default threads against hallupatch's choice.
 
-    python eval/bench_threads.py [--limit N] [--repeats R] [--spinners K]
+    python eval/bench_threads.py [--limit N] [--repeats R] [--spinners K] [--only before|after]
 
 Starts K processes that spin on a core each (default: one per core), then runs the main job,
 ``python -m hallupatch.eval lab`` (fresh output folder, no plot, no progress bar), alternately
@@ -12,7 +12,8 @@ Starts K processes that spin on a core each (default: one per core), then runs t
 ``R`` times each, interleaved, and prints the wall times side by side with their medians and ratio, and
 ``uptime`` before and after (the machine may be shared). ``OMP_NUM_THREADS`` is removed from the jobs'
 environment so that the eval's default is what runs. ``--limit N`` answers the first N questions of
-each benchmark to keep a run short. Run from the repository root.
+each benchmark to keep a run short; ``--only after`` times the full job the new way alone (the "before" of
+a full job takes many minutes on busy cores). Run from the repository root.
 """
 from __future__ import annotations
 
@@ -60,10 +61,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="first N questions of each benchmark (default: the full job)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--spinners", type=int, default=os.cpu_count(), help="busy processes (default: one per core)")
+    parser.add_argument("--only", choices=["before", "after"], help="time one setting only")
     args = parser.parse_args()
 
     before_threads = torch_default_threads()
     settings = {"before": ["--threads", str(before_threads)], "after": []}
+    if args.only:
+        settings = {args.only: settings[args.only]}
     print(f"uptime before: {uptime()}")
     print(f"{args.spinners} spinning process(es); before = --threads {before_threads} (torch's default), "
           "after = the eval's choice; limit " + (str(args.limit) if args.limit else "none (the full job)"))
@@ -82,9 +86,10 @@ def main() -> None:
             process.kill()
             process.wait()
     print(f"uptime after:  {uptime()}")
-    before, after = (statistics.median(times[name]) for name in ("before", "after"))
-    print(f"{'':10}{'before':>12}{'after':>12}{'before / after':>18}")
-    print(f"{'median s':10}{before:>12.1f}{after:>12.1f}{before / after:>18.2f}")
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"{'':10}" + "".join(f"{name:>12}" for name in medians) + (f"{'before / after':>18}" if len(medians) == 2 else ""))
+    print(f"{'median s':10}" + "".join(f"{m:>12.1f}" for m in medians.values())
+          + (f"{medians['before'] / medians['after']:>18.2f}" if len(medians) == 2 else ""))
 
 
 if __name__ == "__main__":
