@@ -464,7 +464,8 @@ def format_comparison(comparison: Mapping[str, Any], columns: Optional[Mapping[s
     baseline = comparison["baseline"]
     heads = methods[baseline]["scores"]
     shown = {k: v for k, v in (columns or {k: k for k in heads}).items() if k in heads}
-    mcnemar = comparison.get("test", "").startswith("exact McNemar")
+    # McNemar: one p per method ({"b", "c", "p"}); bootstrap: one {"p", "ci95", ...} per score
+    mcnemar = any("p" in e.get("test", {}) and not isinstance(e["test"]["p"], dict) for e in methods.values())
     label_width = min(max(len("method"), *(len(m) for m in methods)), MAX_LABEL) + 2
     cell = 7 + 7 + (0 if mcnemar else 8)            # value, change[, p]
     tail = 8 if mcnemar else 0
