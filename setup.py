@@ -34,10 +34,11 @@ setup(
     ],
     # accelerate: `accelerate launch -m hallupatch.eval` shards a benchmark over processes/GPUs
     # (its PartialState gives rank, world size, device and barriers); the test installs it to check that.
+    # peft (tests only): real PeftModel wrappers for apply()'s PEFT support; 0.11.1 matches transformers 4.40
     # lmms: hallupatch as an lmms-eval model plug-in (hallupatch/lmms/). lmms-eval 0.7.3 resolves on the
     # project's pins only with torchvision pinned (otherwise pip upgrades torch and pulls CUDA wheels) and needs
     # filelock<4 (its evaluator imports filelock._api, removed in filelock 4; pip's resolver does not know).
-    extras_require={"test": ["pytest", "accelerate"], "eval": ["accelerate"],
+    extras_require={"test": ["pytest", "accelerate", "peft==0.11.1"], "eval": ["accelerate"],
                     "lmms": ["lmms-eval==0.7.3", "torchvision==0.28.0", "filelock<4"]},
     # lmms-eval finds the model `hallupatch` through this entry point (lmms_eval/models/registry_v2.py)
     entry_points={"lmms_eval.models": ["hallupatch = hallupatch.lmms:manifest"]},

@@ -13,13 +13,17 @@ from hallupatch.engine import (
 from hallupatch.methods import Method, MethodConfig, parse_method
 from hallupatch.methods.memvr import memory_problem
 from hallupatch.spec import resolve
+from hallupatch.wrappers import forget_compiled_code, refuse_unsupported_wrapper, unwrap
 
 
 def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: Any) -> nn.Module:
     """Patch ``model`` in place with a decoding-time method and return the same object.
 
     Args:
-        model: a supported model (llama / LLaVA, Qwen-VL-Chat, GLM-4V); unsupported ones raise ``TypeError``.
+        model: a supported model (llama / LLaVA, Qwen-VL-Chat, GLM-4V), or PEFT's ``PeftModel`` around one
+            (the model inside is patched; LoRA adapters merged or not), or ``torch.compile(model)`` (its
+            ``_orig_mod``; code already compiled in the process is discarded and compiles again with the
+            patch). Unsupported models raise ``TypeError``.
         method: ``"memvr"``, ``"dola"`` or several joined with ``"+"`` (``"memvr+dola"``).
         config: optional config object(s) (e.g. ``MemVRConfig(...)``), one per method; knobs override them.
         **knobs: the methods' config fields (e.g. ``retracing_ratio=0.2``); each is validated and an
@@ -31,7 +35,9 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
     in place); visual tokens given with :func:`set_visual_memory` are kept.
     """
     methods = parse_method(method)
-    parts = resolve(model)
+    refuse_unsupported_wrapper(model)
+    target = unwrap(model)
+    parts = resolve(target.base)
     configs = build_configs(methods, parts.spec.method_defaults, config, knobs, method)
     for cfg in configs:
         cfg.validate_for(parts)  # before anything changes: a refused apply keeps the previous patch
@@ -39,7 +45,7 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
 
     previous = get_patch(model)
     remove(model)
-    patch = Patch(model, parts)
+    patch = Patch(target.base, parts, wrappers=target.wrappers)
     if previous is not None:  # visual tokens given by the user are data, not configuration: keep them
         patch.explicit_memory = previous.explicit_memory
     try:
@@ -49,7 +55,8 @@ def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: 
     except Exception:
         patch.undo()
         raise
-    setattr(model, PATCH_ATTRIBUTE, patch)
+    setattr(target.base, PATCH_ATTRIBUTE, patch)
+    forget_compiled_code()
     return model
 
 
@@ -104,11 +111,13 @@ def configs_by_class(methods: Sequence[Method], config: Any, method: str) -> dic
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo every change ``apply`` made; a no-op on an unpatched model. Returns the same object."""
+    """Undo every change ``apply`` made; a no-op on an unpatched model. Returns the same object.
+    (Works through PEFT's and torch.compile's wrappers as ``apply`` does.)"""
     patch = get_patch(model)
     if patch is not None:
         patch.undo()
-        delattr(model, PATCH_ATTRIBUTE)
+        delattr(patch.model, PATCH_ATTRIBUTE)
+        forget_compiled_code()
     return model
 
 

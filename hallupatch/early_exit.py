@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hallupatch.spec import ModelParts, resolve
+from hallupatch.wrappers import unwrap
 
 
 def parts_of(model: nn.Module) -> ModelParts:
@@ -20,7 +21,7 @@ def parts_of(model: nn.Module) -> ModelParts:
     from hallupatch.engine import get_patch
 
     patch = get_patch(model)
-    return patch.parts if patch is not None else resolve(model)
+    return patch.parts if patch is not None else resolve(unwrap(model).base)
 
 
 def head_logits(parts: ModelParts, hidden: torch.Tensor, norm: bool = True) -> torch.Tensor:

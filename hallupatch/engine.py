@@ -80,8 +80,11 @@ class CallState:
 class Patch:
     """All the changes hallupatch made to one model instance, and the state they share."""
 
-    def __init__(self, model: nn.Module, parts: ModelParts):
+    def __init__(self, model: nn.Module, parts: ModelParts, wrappers: Sequence[nn.Module] = ()):
         self.model = model
+        # modules around the model whose calls are calls of it (PEFT's PeftModel reaches the model's
+        # forward without a module call, so the call hooks sit on the wrappers too)
+        self.wrappers = list(wrappers)
         self.parts = parts
         self.configs: dict = {}   # method name -> its config
         self.methods: dict = {}   # method name -> what its install() returned
@@ -150,8 +153,9 @@ class Patch:
 
     # -- engine hooks ---------------------------------------------------------------------------
     def _install_engine_hooks(self) -> None:
-        self.hook(self.model, self._model_call_starts, pre=True, with_kwargs=True)
-        self.hook(self.model, self._model_call_ends, always_call=True)
+        for module in (*self.wrappers, self.model):
+            self.hook(module, self._model_call_starts, pre=True, with_kwargs=True)
+            self.hook(module, self._model_call_ends, always_call=True)
         self.wrap_method(self.model, "generate", self._generate)
         self.wrap_method(self.model, "_expand_inputs_for_generation", self._expand_inputs)
         # generate() must work even where the model's forward predates an input that transformers'
@@ -343,8 +347,10 @@ def _call_wrapped(obj: Any, name: str, own: Optional[Callable], replacement: Cal
 
 
 def get_patch(model: nn.Module) -> Optional[Patch]:
-    """The :class:`Patch` of a patched model, or ``None``."""
-    return vars(model).get(PATCH_ATTRIBUTE)
+    """The :class:`Patch` of a patched model (of the model inside a PEFT wrapper), or ``None``."""
+    from hallupatch.wrappers import unwrap
+
+    return vars(unwrap(model).base).get(PATCH_ATTRIBUTE)
 
 
 def as_memory_list(tokens: Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None]):

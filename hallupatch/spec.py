@@ -29,12 +29,18 @@ class PassInfo:
 
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> Dict[str, Any]:
-    """Map a forward call's positional and keyword arguments to parameter names."""
+    """Map a forward call's positional and keyword arguments to parameter names (the keywords a
+    ``**kwargs`` parameter collects, as PEFT's wrappers have, by their own names)."""
     try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-    except TypeError:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
         return dict(kwargs)
-    return dict(bound.arguments)
+    call = dict(bound.arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in call:
+            call.update(call.pop(name))
+    return call
 
 
 def cache_length(past_key_values: Any) -> int:
@@ -177,10 +183,25 @@ class ModelParts:
     def ffn_weights(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(W_in, W_out)`` of 0-based decoder layer ``layer``'s feed-forward module (DESIGN §4b)."""
         block = self.layers[layer]
-        return get_path(block, self.spec.layer_ffn_in), get_path(block, self.spec.layer_ffn_out)
+        return applied_weight(block, self.spec.layer_ffn_in), applied_weight(block, self.spec.layer_ffn_out)
 
 
 _MISSING = object()
+
+
+def applied_weight(block: nn.Module, path: str) -> torch.Tensor:
+    """The weight at ``path`` as the layer applies it: a PEFT LoRA layer whose adapters are active and not
+    merged into the base weight adds their deltas (``get_delta_weight``); any other module's weight as is."""
+    owner_path, _, name = path.rpartition(".")
+    owner = get_path(block, owner_path) if owner_path else block
+    weight = getattr(owner, name)
+    adapters = getattr(owner, "lora_A", None)
+    if name != "weight" or adapters is None or not hasattr(owner, "get_delta_weight"):
+        return weight
+    if owner.merged or owner.disable_adapters:
+        return weight
+    active = [a for a in owner.active_adapters if a in adapters]
+    return weight + sum(owner.get_delta_weight(a) for a in active) if active else weight
 
 
 def get_path(obj: Any, path: str, default: Any = _MISSING) -> Any:

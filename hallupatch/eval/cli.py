@@ -104,6 +104,7 @@ def _shared_options() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, help="default: the benchmark's published value, else the recipe's")
     g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
+    g.add_argument("--threads", type=int, help=models.THREADS_HELP)
     d = p.add_argument_group("decoding (default: greedy; recorded in run.json)")
     d.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     d.add_argument("--temperature", type=float, help="with --do-sample (default: the checkpoint's generation config)")
@@ -267,7 +268,7 @@ def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedM
 
 #: flags that only matter when a model answers: refused with --answers, which scores answers made elsewhere
 _MODEL_FLAGS = ("--model", "--recipe", "--method", *KNOBS, "--batch-size", "--max-new-tokens", "--device", "--dtype",
-                "--do-sample", "--temperature", "--top-p", "--num-beams", "--repetition-penalty", "--seed", "--preset")
+                "--threads", "--do-sample", "--temperature", "--top-p", "--num-beams", "--repetition-penalty", "--seed", "--preset")
 
 
 def _refuse_model_flags(args) -> None:
@@ -303,7 +304,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     if args.recipe_old_spelling:
         print("note: --family is now spelled --recipe (a family is the model structure hallupatch patches)",
               file=sys.stderr)
-    for flag in ("limit", "batch_size", "max_new_tokens"):
+    for flag in ("limit", "batch_size", "max_new_tokens", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
@@ -337,6 +338,8 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     elif backend is None:
         device = args.device or harness.current_process().device  # several processes on GPUs: one GPU each
         backend = models.load_backend(args.model, args.recipe, device, args.dtype, work_dir=out)
+    if embedded or args.model is not None:   # a backend passed in comes with its threads chosen
+        models.choose_threads(backend.model, args.threads)
     harness.check_variants(backend.model, chosen, decoding)
     data, data_setting = _data(task, args, out)
     recipe = backend.recipe

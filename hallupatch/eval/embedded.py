@@ -35,10 +35,11 @@ class EmbeddedModel:
 def lab_backend(path: Optional[Union[str, Path]] = None):
     """A lab checkpoint (default: the shipped one) behind the llava-hf backend: it was trained on
     LLaVA-1.5's prompt. A missing checkpoint is ``load_lab_model``'s ``FileNotFoundError``."""
-    from hallupatch.eval.models import RECIPES, LlavaHFBackend
+    from hallupatch.eval.models import RECIPES, LlavaHFBackend, quiet_tokenizer_loading
     from hallupatch.lab import load_lab_model
 
-    model, processor = load_lab_model(path)
+    with quiet_tokenizer_loading():
+        model, processor = load_lab_model(path)
     name = str(Path(path).resolve()) if path else "hallupatch-lab"   # what each run.json records as the model
     return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=name)
 

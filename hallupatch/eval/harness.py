@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from hallupatch.eval.store import (
 from hallupatch.eval.tasks import Task
 
 COMPARISON_FILE = "comparison.json"
+REPORT_FILE = "report.txt"   # in a multi-method run, each method's own table (what a single run prints)
 
 
 # --------------------------------------------------------------------------- processes
@@ -189,6 +191,7 @@ def answer_questions(
     method: str = "none",
     progress: bool = True,
     question_seeds: Optional[int] = None,
+    label: Optional[str] = None,
 ) -> int:
     """Answer this process's shard of ``questions`` not yet in ``out_dir``, appending as it goes.
 
@@ -196,7 +199,8 @@ def answer_questions(
     trace each answer records (:func:`method_records`). ``question_seeds``: a run seed; each question
     is then answered on its own, with the random generators seeded by :func:`question_seed`, so that
     sampled answers do not depend on the batch size, the shard or an interruption. Ctrl-C raises
-    :class:`RunInterrupted` (every answer written before it is kept).
+    :class:`RunInterrupted` (every answer written before it is kept). ``label``: one of several settings
+    of a run; its progress bar says which and is cleared when done (the screen keeps only the comparison).
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}")
@@ -204,23 +208,26 @@ def answer_questions(
     mine = shard(questions, proc.rank, proc.world)
     done = finished_ids(out_dir, own_file=own_file)
     todo = [q for q in mine if q.qid not in done]
-    bar = _progress(total=len(mine), initial=len(mine) - len(todo), enabled=progress, rank=proc.rank)
+    bar = _progress(total=len(mine), initial=len(mine) - len(todo), enabled=progress, rank=proc.rank, label=label)
     rows_per_sample = getattr(getattr(backend, "decoding", None), "num_beams", 1) or 1
     produced = 0
     try:
         with AnswerWriter(own_file) as writer:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                calls = [batch] if question_seeds is None else [[q] for q in batch]
-                records = []
-                for chunk in calls:
+                # one generate() call per group: each question alone when it draws random numbers of its
+                # own seed, else the groups the backend can batch (e.g. LLaVA-NeXT's images of one size)
+                groups = [[q] for q in batch] if question_seeds is not None else generate_batches(backend, batch)
+                answered: Dict[str, Dict[str, Any]] = {}
+                for group in groups:
                     if question_seeds is not None:
-                        seed_everything(question_seed(question_seeds, chunk[0].qid))
-                    outputs = backend.generate(chunk, max_new_tokens)
+                        seed_everything(question_seed(question_seeds, group[0].qid))
+                    outputs = backend.generate(group, max_new_tokens)
                     fields = method_records(backend.model, method, [o.get("new_tokens", 0) for o in outputs],
-                                            rows_per_sample) if method != "none" else [None] * len(chunk)
-                    records += [answer_record(q, dict(out, prompt=backend.prompt(q)), f)
-                                for q, out, f in zip(chunk, outputs, fields)]
+                                            rows_per_sample) if method != "none" else [None] * len(group)
+                    answered.update({q.qid: answer_record(q, dict(out, prompt=backend.prompt(q)), f)
+                                     for q, out, f in zip(group, outputs, fields)})
+                records = [answered[q.qid] for q in batch]
                 writer.write(records)
                 produced += len(records)
                 bar.update(len(records))
@@ -238,12 +245,23 @@ def question_seed(seed: int, qid: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{qid}".encode("utf-8")).digest()[:4], "big")
 
 
-def _progress(total: int, initial: int, enabled: bool, rank: int):
+def generate_batches(backend, batch: Sequence[Question]) -> List[List[Question]]:
+    """``batch`` split into the groups one ``generate()`` call can take (``backend.batch_key``: e.g.
+    LLaVA-NeXT's images of one size), each in question order."""
+    key = getattr(backend, "batch_key", None)   # backends written for tests may not have it
+    groups: Dict[Any, List[Question]] = {}
+    for q in batch:
+        groups.setdefault(key(q) if key is not None else None, []).append(q)
+    return list(groups.values())
+
+
+def _progress(total: int, initial: int, enabled: bool, rank: int, label: Optional[str] = None):
     from tqdm.auto import tqdm
 
+    desc = "answering" + (f" {label}" if label else "") + (f" (rank {rank})" if rank else "")
     return tqdm(
         total=total, initial=initial, unit="q", unit_scale=False, dynamic_ncols=True, disable=not enabled,
-        desc="answering" if rank == 0 else f"answering (rank {rank})", position=rank, file=sys.stderr,
+        desc=desc, position=rank, file=sys.stderr, leave=label is None,
     )
 
 
@@ -456,25 +474,32 @@ def evaluate(task: Task, run: Run) -> tuple:
                     task.answering(run.backend), run.questions, out, batch_size=run.batch_size,
                     max_new_tokens=run.max_new_tokens, proc=proc, method=method,
                     progress=run.progress, question_seeds=seeds_per_question(run.decoding, variant),
+                    label=f"{task.name}, {label}" if len(run.methods) > 1 else None,
                 )
                 elapsed = time.perf_counter() - start
             proc.barrier()
             if not proc.is_main:
                 results[label] = None
                 continue
-            if len(run.methods) > 1:
-                print(f"== {task.name}, {label}")
             # as run.json records them (with every batch size a resumed run used)
             results[label] = finish(task, run.questions, out, read_settings(out / RUN_FILE))
-            report(task, results[label], out, (produced, elapsed, proc.world))
+            timing = (produced, elapsed, proc.world)
+            if len(run.methods) == 1:
+                report(task, results[label], out, timing)
+                continue
+            # several methods: each one's table is a detail, in its folder; the screen gets the comparison
+            with open(out / REPORT_FILE, "w", encoding="utf-8") as file, contextlib.redirect_stdout(file):
+                print(f"{task.name}, {label}")
+                report(task, results[label], out, timing)
+
     comparison = None
     if len(run.methods) > 1 and proc.is_main:
         texts = {m: {qid: r["text"] for qid, r in merge_answers(method_folder(run, m), [q.qid for q in run.questions]).items()}
                  for m in run.methods}
         comparison = compare(task, run.questions, {m: results[m] for m in run.methods}, texts)
         write_json(run.out_dir / COMPARISON_FILE, comparison)
-        print(format_comparison(comparison))
-        print(f"comparison: {run.out_dir / COMPARISON_FILE}")
+        print(format_comparison(comparison, task.screen_columns))
+        print(details_line(run.out_dir))
     return results, comparison
 
 
@@ -520,32 +545,71 @@ def compare(task: Task, questions: Sequence[Question], scores: Mapping[str, Mapp
     return out
 
 
-def _number(value: float, signed: bool = False) -> str:
+SCREEN_WIDTH = 100   # the printed comparison fits a 100-column terminal
+MAX_LABEL = 32       # longer method labels are shortened on screen
+
+
+def details_line(out_dir: Path) -> str:
+    """Where a multi-method run's details are (printed under its comparison table)."""
+    return f"details: {COMPARISON_FILE} and <method>/{REPORT_FILE} in {out_dir}"
+
+
+def format_p(p: Optional[float]) -> str:
+    """A p-value as printed: ``<0.001``, else three decimals; ``n/a`` when there is none."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _number(value: Optional[float], signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def format_comparison(comparison: Mapping[str, Any]) -> str:
-    """The comparison as a plain-text table: scores per method, the difference from the baseline and
-    the paired test's p-value (McNemar: also the discordant counts b/c)."""
+def format_comparison(comparison: Mapping[str, Any], columns: Optional[Mapping[str, str]] = None,
+                      width: int = SCREEN_WIDTH) -> str:
+    """The comparison as one plain-text table, one row per method, at most ``width`` characters wide.
+
+    ``columns``: ``{headline score: column name}`` to show (default: every headline score). Per score:
+    the method's value and its change against the baseline, plus the paired bootstrap's p when the test
+    is per score; an exact McNemar test (one per method, on each question's correctness) gets its own
+    ``p`` column. Scores that do not fit in ``width`` are left out, and the table says so; every score
+    and test is in ``comparison.json``."""
     methods = comparison["methods"]
     baseline = comparison["baseline"]
-    names = list(methods[baseline]["scores"])
-    width = max(12, *(len(m) + 2 for m in methods))
-    lines = [f"{'method':<{width}}" + "".join(f"{n:>{max(12, len(n) + 2)}}" for n in names)]
+    heads = methods[baseline]["scores"]
+    shown = {k: v for k, v in (columns or {k: k for k in heads}).items() if k in heads}
+    # McNemar: one p per method ({"b", "c", "p"}); bootstrap: one {"p", "ci95", ...} per score
+    mcnemar = any("p" in e.get("test", {}) and not isinstance(e["test"]["p"], dict) for e in methods.values())
+    label_width = min(max(len("method"), *(len(m) for m in methods)), MAX_LABEL) + 2
+    cell = 7 + 7 + (0 if mcnemar else 8)            # value, change[, p]
+    tail = 8 if mcnemar else 0
+    room = max(1, (width - label_width - tail) // (cell + 2))
+    left_out = list(shown)[room:]
+    shown = dict(list(shown.items())[:room])
+
+    def row(label: str, cells: Sequence[str], end: str = "") -> str:
+        label = label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 3] + "..."
+        return (f"{label:<{label_width}}" + "".join(f"{c:>{cell + 2}}" for c in cells) + end).rstrip()
+
+    lines = [row("", [name[: cell] for name in shown.values()], f"{'p':>{tail}}" if mcnemar else ""),
+             row("method", [f"{'value':>6} {'change':>7}" + ("" if mcnemar else f" {'p':>7}") for _ in shown])]
     for m, entry in methods.items():
-        lines.append(f"{m:<{width}}" + "".join(f"{_number(entry['scores'].get(n)):>{max(12, len(n) + 2)}}" for n in names))
-        if m == baseline:
-            continue
-        lines.append(f"{'  change':<{width}}" + "".join(
-            f"{_number(entry['difference'].get(n), signed=True):>{max(12, len(n) + 2)}}" for n in names))
-        test = entry["test"]
-        if "b" in test:
-            lines.append(f"{'  McNemar':<{width}}p = {test['p']:.4f} (b = {test['b']}, c = {test['c']}; "
-                         f"correct {methods[baseline]['correct']} -> {entry['correct']} of {comparison['questions']})")
-        else:
-            lines.append(f"{'  p':<{width}}" + "".join(
-                f"{_number(test[n]['p'] if n in test else None):>{max(12, len(n) + 2)}}" for n in names))
-    lines.append(f"(change: against {baseline}; test: {comparison['test']})")
-    return "\n".join(lines)
+        cells = []
+        for key in shown:
+            value = _number(entry["scores"].get(key))
+            if m == baseline:
+                cells.append(f"{value:>6}{'':>8}" + ("" if mcnemar else f"{'':>8}"))
+                continue
+            change = _number(entry["difference"].get(key), signed=True)
+            test = entry["test"]
+            p = "" if mcnemar else f" {format_p(test[key]['p'] if key in test else None):>7}"
+            cells.append(f"{value:>6} {change:>7}{p}")
+        end = ""
+        if mcnemar and m != baseline:
+            end = f"{format_p(entry['test']['p']):>{tail}}"
+        lines.append(row(m, cells, end))
+    title = f"{comparison['benchmark']}: {comparison['questions']} questions, change against {baseline}"
+    note = f"p: {comparison['test']}" + (f"; not shown: {', '.join(left_out)}" if left_out else "")
+    return "\n".join([title, *lines, *textwrap.wrap(note, width)])

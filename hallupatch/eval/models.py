@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -266,6 +268,11 @@ class Backend:
     def generate(self, questions: Sequence[Question], max_new_tokens: Optional[int]) -> List[Dict[str, Any]]:
         raise NotImplementedError
 
+    def batch_key(self, q: Question) -> Hashable:
+        """Questions of one ``generate()`` call must share this key (the harness splits a batch by it,
+        keeping the answers in question order); the default lets any questions share a batch."""
+        return None
+
     def _decode(self, tokenizer, output: torch.Tensor, prompt_len: int, eos_ids: Sequence[int]) -> List[Tuple[str, int]]:
         new = output[:, prompt_len:]
         results = []
@@ -300,10 +307,20 @@ class LlavaHFBackend(Backend):
         mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.background = tuple(int(x * 255) for x in mean)
 
+    def _image(self, q: Question):
+        image = q.load_image()
+        return expand_to_square(image, self.background) if self.recipe.pad_to_square else image
+
+    def batch_key(self, q: Question) -> Hashable:
+        """LLaVA-NeXT (an image processor with ``image_grid_pinpoints``): the image size. Its anyres grid and
+        unpadding give each size its own number of visual tokens, which transformers 4.40 can neither pad
+        in the processor nor stack in the model, so images of one size share a batch."""
+        if getattr(self.processor.image_processor, "image_grid_pinpoints", None) is None:
+            return None
+        return self._image(q).size
+
     def generate(self, questions, max_new_tokens):
-        images = [q.load_image() for q in questions]
-        if self.recipe.pad_to_square:
-            images = [expand_to_square(img, self.background) for img in images]
+        images = [self._image(q) for q in questions]
         texts = [self.recipe.template.format(question=self.prompt(q)) for q in questions]
         if self.nested_images:
             images = [[image] for image in images]
@@ -489,6 +506,38 @@ def resolve_device(name: Optional[str]) -> str:
     return name
 
 
+# Below this many parameters a CPU forward pass is too short for OpenMP's threads to pay off: on cores that
+# other processes keep busy, a second thread spins at every barrier waiting for a core (the lab's main
+# job took 14 min with torch's two threads on two busy cores, 1 min 42 s with one; eval/bench_threads.py).
+SMALL_MODEL_PARAMETERS = 50_000_000
+THREADS_HELP = ("CPU threads of the model (default: OMP_NUM_THREADS when set, else 1 for a small model on the CPU, "
+                "where more threads only wait for busy cores, else one per core)")
+
+
+def choose_threads(model: torch.nn.Module, requested: Optional[int] = None) -> str:
+    """Set torch's intra-op threads for an evaluation and say how they were chosen.
+
+    ``requested`` (``--threads``) wins; else the user's ``OMP_NUM_THREADS`` (which torch already read) is
+    kept; else a small model (< :data:`SMALL_MODEL_PARAMETERS`) on the CPU runs on one thread, and any
+    other model keeps torch's default (one per core). Returns e.g. ``"1 thread (small model on the CPU)"``.
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1; got {requested}")
+        torch.set_num_threads(requested)
+        reason = "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        reason = "OMP_NUM_THREADS"
+    elif next(model.parameters()).device.type == "cpu" and \
+            sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+        reason = "small model on the CPU; --threads N to change"
+    else:
+        reason = "torch's default"
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n > 1 else ''} ({reason})"
+
+
 def resolve_dtype(name: Optional[str], device: str) -> torch.dtype:
     if name is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
@@ -496,6 +545,26 @@ def resolve_dtype(name: Optional[str], device: str) -> torch.dtype:
     if name not in valid:
         raise ValueError(f"--dtype must be one of {sorted(valid)}; got {name!r}")
     return valid[name]
+
+
+class _DropSpecialTokensAdvice(logging.Filter):
+    """Drops transformers' "Special tokens have been added in the vocabulary" advice, which every
+    checkpoint with an added ``<image>`` token triggers at load time and no evaluation user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Special tokens have been added in the vocabulary")
+
+
+@contextlib.contextmanager
+def quiet_tokenizer_loading() -> Iterator[None]:
+    """Load tokenizers in the block without the special-tokens advice (other messages pass)."""
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    advice = _DropSpecialTokensAdvice()
+    logger.addFilter(advice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(advice)
 
 
 def load_backend(
@@ -514,7 +583,7 @@ def load_backend(
     name = recipe or detect_recipe(path)
     recipe = RECIPES[name]
     checkpoint_name = Path(path).name
-    with loading(path):
+    with loading(path), quiet_tokenizer_loading():
         return _load(path, name, recipe, device, torch_dtype, checkpoint_name, work_dir)
 
 

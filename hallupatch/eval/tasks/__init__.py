@@ -40,6 +40,9 @@ class Task:
             question's correctness, for yes/no tasks) or ``"bootstrap"`` (paired bootstrap of the
             metrics :meth:`metrics_from_stats` computes from the items' :meth:`item_stats`).
         details_file: name of the per-answer details file :meth:`score` may return, or ``None``.
+        screen_columns: the :meth:`headline` scores the printed comparison shows, with their column
+            names (a table at most 100 characters wide); empty = every headline score under its own name.
+            ``comparison.json`` always has them all.
     """
 
     name: str = ""
@@ -50,6 +53,7 @@ class Task:
     max_new_tokens: Optional[int] = None
     paired_test: str = "mcnemar"
     details_file: Optional[str] = None
+    screen_columns: Mapping[str, str] = {}
 
     def __init__(self, args: Optional[argparse.Namespace] = None):
         self.args = args

@@ -159,6 +159,10 @@ class POPE(Task):
     data_help = ("a folder with coco_pope_{random,popular,adversarial}.json (JSON lines: question_id, image, "
                  "text, label) and --image-folder with the COCO val2014 images; with --answers no images, and "
                  f"LLaVA's {LLAVA_QUESTION_FILE} in the folder (or --question-file) maps LLaVA's global ids")
+    # on screen: overall accuracy (what McNemar tests), the easy split, and the split where a language
+    # prior shows (adversarial: co-occurring absent objects) with its yes-ratio
+    screen_columns = {"mean accuracy": "accuracy", "random F1": "random F1", "adversarial F1": "advers. F1",
+                      "adversarial yes-ratio": "advers. yes%"}
 
     @classmethod
     def add_arguments(cls, group):
