@@ -131,11 +131,14 @@ class OperaTrace:
     """What OPERA did in the latest ``generate()``, per sample: ``hallupatch.get_trace(model, "opera")``.
 
     ``rollbacks[sample]``: its :class:`Rollback` events in order; ``locations[sample]``: per loop
-    iteration, the location voted over all its beams (the fork's ``rollback_loc``).
+    iteration, the location voted over all its beams (the fork's ``rollback_loc``);
+    ``candidates[sample]``: per loop iteration, ``(tokens, scores)``, each ``(beams, N)`` on the CPU: the
+    candidates and their penalised logits (``logit - penalty_weights * penalty``).
     """
 
     rollbacks: List[List[Rollback]] = field(default_factory=list)
     locations: List[List[int]] = field(default_factory=list)
+    candidates: List[List[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
 
     def positions(self, sample: int = 0) -> List[Tuple[int, int]]:
         """``[(from_position, to_position), ...]`` of one sample's rollbacks."""
@@ -272,6 +275,7 @@ class Opera:
             results.append(search.run())
             self.trace.rollbacks.append(search.rollbacks)
             self.trace.locations.append(search.locations)
+            self.trace.candidates.append(search.candidates)
         return _merge(results, input_ids, num_beams, options)
 
 
@@ -368,6 +372,7 @@ class _SampleSearch:
         self.processors = options.get("logits_processor") or []
         self.rollbacks: List[Rollback] = []
         self.locations: List[int] = []
+        self.candidates: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- forwards ---------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, model_kwargs: Dict[str, Any], read_attention: bool,
@@ -483,6 +488,7 @@ class _SampleSearch:
             location_history.append(beam_locations[:, None])
             gathered = torch.cat(location_history, -1)                          # (beams, history)
             candidate_scores -= cfg.penalty_weights * penalty
+            self.candidates.append((candidate_tokens.cpu(), candidate_scores.detach().cpu()))
 
             if len(history) >= window_size:
                 history.pop(0)
