@@ -101,13 +101,15 @@ def check_unique(questions: Sequence[Question]) -> None:
 def method_records(model, method: str, passes: Sequence[int]) -> List[Dict[str, Any]]:
     """What ``method`` did for each sample of the latest ``generate()`` (``passes[i]``: forward passes
     of sample ``i``'s own answer), as answer-record fields: ``memvr`` (the trigger layer, or None, per
-    pass) and ``dola_layers`` (the premature hidden-state index per step). Only discrete decisions are
+    pass), ``dola_layers`` (the premature hidden-state index per step) and ``opera_rollbacks`` (each
+    rollback's ``[from_position, to_position]``). Only discrete decisions are
     recorded, so answers files stay byte-identical across batch sizes. Traces are read once per batch."""
     import hallupatch
 
     parts = method.split("+")
     fired = hallupatch.get_trace(model, "memvr").trigger_layers() if "memvr" in parts else None
     contrasted = hallupatch.get_trace(model, "dola").layers() if "dola" in parts else None
+    retraced = hallupatch.get_trace(model, "opera").rollbacks if "opera" in parts else None
     records: List[Dict[str, Any]] = []
     for sample, n in enumerate(passes):
         fields: Dict[str, Any] = {}
@@ -117,6 +119,8 @@ def method_records(model, method: str, passes: Sequence[int]) -> List[Dict[str, 
                                "trigger_layers": own}
         if contrasted is not None and sample < len(contrasted):
             fields["dola_layers"] = contrasted[sample][:n]
+        if retraced is not None and sample < len(retraced):
+            fields["opera_rollbacks"] = [[r.from_position, r.to_position] for r in retraced[sample]]
         records.append(fields)
     return records
 
@@ -332,10 +336,11 @@ def evaluate(task: Task, run: Run) -> tuple:
         for label, variant in run.methods.items():
             method, knobs = variant.method, variant.knobs
             out = method_folder(run, label)
-            settings = {**run.settings, "method": method, "knobs": dict(knobs)}
+            decoding = run.decoding.for_method(method)   # OPERA: 5 beams where the run sets none
+            settings = {**run.settings, "method": method, "knobs": dict(knobs), "decoding": decoding.settings()}
             open_run(out, settings, proc, overwrite=run.overwrite, on_main=lambda: task.prepare_output(out))
-            run.backend.decoding = run.decoding
-            run.decoding.seed_everything()
+            run.backend.decoding = decoding
+            decoding.seed_everything()
             with applied(run.backend.model, method, knobs):
                 start = time.perf_counter()
                 produced = answer_questions(
