@@ -99,7 +99,8 @@ def test_one_step_penalties_match_a_float64_recomputation(planted, monkeypatch, 
     monkeypatch.setattr(opera_module._SampleSearch, "_candidate_rows", spy)
     hallupatch.apply(model, method="opera", scale_factor=3.0, penalty_weights=0.5, threshold=100)
     run(model, batch, logits_processor=forcing(processor, summary))
-    tokens, scores = hallupatch.get_trace(model, "opera").candidates[0][iteration]
+    step = hallupatch.get_trace(model, "opera").candidates[0][iteration]
+    tokens, scores = step.tokens, step.scores
     sequences = seen[iteration]
     assert sequences.shape[1] == batch.input_ids.shape[1] + iteration
     span_start = int((batch.input_ids[0] == model.config.image_token_index).nonzero()[0])

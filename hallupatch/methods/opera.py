@@ -39,7 +39,7 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from hallupatch.engine import GenerationState, Patch
 from hallupatch.methods import Method, MethodConfig, register_method
-from hallupatch.spec import ModelParts, cache_length, get_path
+from hallupatch.spec import ModelParts, bind_call, cache_length, get_path
 
 #: the fork fills every logit that is not a candidate (and every rejected pair) with this value
 FILL = -999.0
@@ -126,19 +126,29 @@ class Rollback:
     to_position: int
 
 
+@dataclass(frozen=True)
+class CandidateStep:
+    """One loop iteration of one sample, each tensor ``(beams, N)`` on the CPU: the candidate tokens, their
+    penalties (``-`` image attention while the window has at most 10 columns, then the largest column
+    score) and their penalised logits (``logit - penalty_weights * penalty``)."""
+
+    tokens: torch.Tensor
+    penalties: torch.Tensor
+    scores: torch.Tensor
+
+
 @dataclass
 class OperaTrace:
     """What OPERA did in the latest ``generate()``, per sample: ``hallupatch.get_trace(model, "opera")``.
 
     ``rollbacks[sample]``: its :class:`Rollback` events in order; ``locations[sample]``: per loop
     iteration, the location voted over all its beams (the fork's ``rollback_loc``);
-    ``candidates[sample]``: per loop iteration, ``(tokens, scores)``, each ``(beams, N)`` on the CPU: the
-    candidates and their penalised logits (``logit - penalty_weights * penalty``).
+    ``candidates[sample]``: per loop iteration, a :class:`CandidateStep`.
     """
 
     rollbacks: List[List[Rollback]] = field(default_factory=list)
     locations: List[List[int]] = field(default_factory=list)
-    candidates: List[List[Tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    candidates: List[List[CandidateStep]] = field(default_factory=list)
 
     def positions(self, sample: int = 0) -> List[Tuple[int, int]]:
         """``[(from_position, to_position), ...]`` of one sample's rollbacks."""
@@ -220,8 +230,18 @@ class Opera:
         self.trace = OperaTrace()
         attention = get_path(self.parts.layers[-1], self.parts.spec.layer_attention)
         self.attention = LastLayerAttention(patch, attention)
+        self.prompt_embeds: Optional[torch.Tensor] = None   # the decoder's input at the latest prefill
+        patch.hook(self.parts.pass_start, self._decoder_input, pre=True, with_kwargs=True)
         patch.wrap_method(patch.model, "_get_logits_processor", self._get_logits_processor)
         patch.wrap_method(patch.model, "_beam_search", self._beam_search)
+
+    def _decoder_input(self, module, args, kwargs):
+        """Keep a prefill's merged input embeddings (images in place): choosing a position again starts
+        from them, so a generated token equal to the image placeholder stays text, as in the fork."""
+        call = bind_call(module, args, kwargs)
+        embeds = call.get("inputs_embeds")
+        if embeds is not None and cache_length(call.get("past_key_values")) == 0:
+            self.prompt_embeds = embeds.detach()
 
     # -- generate()'s configuration ---------------------------------------------------------------
     def _get_logits_processor(self, original, *args, **kwargs):
@@ -372,7 +392,7 @@ class _SampleSearch:
         self.processors = options.get("logits_processor") or []
         self.rollbacks: List[Rollback] = []
         self.locations: List[int] = []
-        self.candidates: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self.candidates: List[CandidateStep] = []
 
     # -- forwards ---------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, model_kwargs: Dict[str, Any], read_attention: bool,
@@ -462,6 +482,7 @@ class _SampleSearch:
             outputs, new_row = self._forward(input_ids, model_kwargs, read_attention=not prefill)
             if prefill:
                 span = self._image_span(input_ids, cache_length(outputs.past_key_values))
+                prompt_embeds = self.opera.prompt_embeds[:1]
                 rows = torch.zeros((num_beams, 0, 0), dtype=torch.float32, device=input_ids.device)
             else:
                 rows = _append_row(rows[beam_idx], new_row, span.response_start)
@@ -488,7 +509,8 @@ class _SampleSearch:
             location_history.append(beam_locations[:, None])
             gathered = torch.cat(location_history, -1)                          # (beams, history)
             candidate_scores -= cfg.penalty_weights * penalty
-            self.candidates.append((candidate_tokens.cpu(), candidate_scores.detach().cpu()))
+            self.candidates.append(CandidateStep(candidate_tokens.cpu(), penalty.detach().float().cpu(),
+                                                 candidate_scores.detach().cpu()))
 
             if len(history) >= window_size:
                 history.pop(0)
@@ -512,7 +534,7 @@ class _SampleSearch:
                 kept = back.cur_len - prompt_length   # steps recorded before the position chosen again
                 for recorded in (scores, raw_logits, attentions, hidden_states):
                     del recorded[kept:]
-                outputs, model_kwargs = self._choose_again(input_ids, original_kwargs)
+                outputs, model_kwargs = self._choose_again(input_ids, prompt_length, prompt_embeds, original_kwargs)
                 logits = outputs.logits[:, -1, :]
                 raw = logits.clone() if output_logits else None
                 history.pop(-1)
@@ -597,17 +619,24 @@ class _SampleSearch:
             return None  # the state to go back to is no longer kept (the fork fails there; no rollback)
         return target
 
-    def _choose_again(self, input_ids: torch.Tensor, original_kwargs: Dict[str, Any]):
-        """The fork's two forwards after a rollback: the sequence but its last token from scratch (images
-        included), then the last token on that cache."""
+    def _choose_again(self, input_ids: torch.Tensor, prompt_length: int, prompt_embeds: torch.Tensor,
+                      original_kwargs: Dict[str, Any]):
+        """The fork's two forwards after a rollback: the sequence but its last token from scratch, then the last
+        token on that cache. The first starts from the prompt's merged embeddings (the fork re-merges the image
+        into the prompt; the response stays text either way), followed by the response's token embeddings."""
+        beams = input_ids.shape[0]
+        response = self.model.get_input_embeddings()(input_ids[:, prompt_length:-1])
+        embeds = torch.cat([prompt_embeds.expand(beams, -1, -1).to(response.dtype), response], dim=1)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=input_ids.device)
+        with _side_pass(self.opera.patch):
+            first = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, return_dict=True)
         kwargs = dict(original_kwargs)
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            extra = input_ids.shape[1] - 1 - mask.shape[1]
-            kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((input_ids.shape[0], extra))], 1)
-        kwargs["cache_position"] = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
-        first, _ = self._forward(input_ids[:, :-1], kwargs, read_attention=False)
-        kwargs = self.model._update_model_kwargs_for_generation(first, kwargs)
+        kwargs["past_key_values"] = first.past_key_values
+        if kwargs.get("attention_mask") is not None:
+            extra = input_ids.shape[1] - kwargs["attention_mask"].shape[1]
+            kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"],
+                                                  kwargs["attention_mask"].new_ones((beams, extra))], 1)
+        kwargs["cache_position"] = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
         outputs, _ = self._forward(input_ids, kwargs, read_attention=False)
         return outputs, kwargs
 
