@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -182,6 +183,9 @@ class LastLayerAttention:
     def __init__(self, patch: Patch, module: nn.Module):
         self.active = False
         self.rows: Optional[torch.Tensor] = None
+        # transformers' SDPA attention classes warn once when asked for weights (they fall back to the eager
+        # computation, which is what OPERA wants): that warning is expected here
+        self.logger_name = type(module).__module__
         patch.hook(module, self._before, pre=True, with_kwargs=True)
         patch.hook(module, self._after)
 
@@ -204,11 +208,15 @@ class LastLayerAttention:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
+        logger = logging.getLogger(self.logger_name)
+        level = logger.level
         self.active, self.rows = True, None
+        logger.setLevel(logging.ERROR)
         try:
             yield
         finally:
             self.active = False
+            logger.setLevel(level)
 
 
 def _expand_cache(past: Any, repeat: int) -> Any:
