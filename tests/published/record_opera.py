@@ -78,6 +78,7 @@ CASES = [
     ("small_scale", dict(scale_factor=20.0, threshold=5, num_attn_candidates=5, penalty_weights=1.0), 64),
 ]
 NUM_BEAMS = 5
+PLAIN_MAX_NEW_TOKENS = 64  # the fork's plain (non-OPERA) beam search, to check the weights and the conversion
 
 
 # ----------------------------------------------------------------------------------------------- build (4.40)
@@ -133,7 +134,8 @@ def build() -> None:
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(SEED + 1)
-    pixel_values = torch.randn(len(PROMPTS), 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    # stored in float16 (half the bytes); both sides read them as float32
+    pixel_values = torch.randn(len(PROMPTS), 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).half()
     image_token = model.config.image_token_index
     prompts = []
     for before, after in PROMPTS:
@@ -279,6 +281,8 @@ class OperaTracer:
                 self.penalties.append({
                     "iteration": self.iteration,
                     "response_length": int(f["cur_response_lens"]),
+                    "input_ids": f["input_ids"].tolist(),  # every beam's sequence (image token -200)
+                    "beam_scores": f["beam_scores"].float().tolist(),
                     "candidate_tokens": f["candidate_tokens"].tolist(),
                     "penalty": f["penalty_scores"].float().tolist(),
                     "image_attention": f["attn_scores"].float().tolist(),
@@ -299,8 +303,10 @@ class OperaTracer:
         return self._local
 
 
-def run_fork(model, input_ids, pixel_values, knobs, max_new_tokens, penalty_iterations=()):
-    """One call as the fork's LLaVa.generate makes it; returns (generated tokens of the best beam, tracer)."""
+def run_fork(model, input_ids, pixel_values, knobs, max_new_tokens, penalty_iterations=(), opera=True):
+    """One call as the fork's LLaVa.generate makes it; returns (generated tokens of the best beam, tracer).
+
+    ``opera=False``: the fork's plain beam search (transformers 4.29.2's), same call otherwise."""
     image_pos = input_ids.index(IMAGE_TOKEN_FORK)
     key_position = {  # minigpt4/models/llava.py, with NUM_IMAGE_TOKENS = this tower's patch count
         "image_start": image_pos,
@@ -313,7 +319,7 @@ def run_fork(model, input_ids, pixel_values, knobs, max_new_tokens, penalty_iter
             input_ids=ids, use_cache=True, do_sample=False, num_beams=NUM_BEAMS, max_new_tokens=max_new_tokens,
             pad_token_id=model.config.pad_token_id, bos_token_id=model.config.bos_token_id,
             eos_token_id=model.config.eos_token_id, images=pixel_values, output_attentions=True,
-            return_dict_in_generate=False, opera_decoding=True, key_position=key_position, **knobs,
+            return_dict_in_generate=False, opera_decoding=opera, key_position=key_position, **knobs,
         )
     return out[0, ids.shape[1]:].tolist(), tracer, key_position
 
@@ -330,7 +336,7 @@ def record(only=None, show=False) -> None:
     assert transformers.__version__ == "4.29.2" and hasattr(transformers.GenerationMixin, "opera_beam_search"), \
         "run `record` with the fork's transformers on PYTHONPATH (see the module docstring)"
     prompts = json.loads((DATA / "prompts.json").read_text())
-    pixels = load_file(str(DATA / "pixel_values.safetensors"))["pixel_values"]
+    pixels = load_file(str(DATA / "pixel_values.safetensors"))["pixel_values"].float()
     with tempfile.TemporaryDirectory() as tmp:
         model, _ = load_fork_model(Path(tmp))
         results = []
@@ -353,12 +359,22 @@ def record(only=None, show=False) -> None:
                       f"tokens {tokens}", flush=True)
                 if show:
                     print("   locations", tracer.locations)
+        plain = []
+        for p, hf_ids in enumerate(prompts["input_ids"]):
+            fork_ids = [IMAGE_TOKEN_FORK if t == prompts["image_token_index"] else t for t in hf_ids]
+            tokens, _, _ = run_fork(model, fork_ids, pixels[p:p + 1], {}, PLAIN_MAX_NEW_TOKENS, opera=False)
+            plain.append({"prompt": p, "max_new_tokens": PLAIN_MAX_NEW_TOKENS, "tokens": tokens})
+            print(f"plain beam      prompt {p}: tokens {tokens}", flush=True)
     if only:
         return
-    (DATA / "recordings.json").write_text(json.dumps({
-        "fork": "shikiw/OPERA", "fork_commit": FORK_COMMIT, "transformers": transformers.__version__,
-        "torch": torch.__version__, "runs": results,
-    }, indent=1) + "\n")
+    header = {"fork": "shikiw/OPERA", "fork_commit": FORK_COMMIT, "transformers": transformers.__version__,
+              "torch": torch.__version__, "num_beams": NUM_BEAMS}
+    lines = [json.dumps(header)[:-1] + ', "plain_beam_search": ['] + [json.dumps(r) + "," for r in plain]
+    lines[-1] = lines[-1][:-1]
+    lines += ['], "runs": ['] + [json.dumps(r) + "," for r in results]  # one run per line
+    lines[-1] = lines[-1][:-1]
+    (DATA / "recordings.json").write_text("\n".join(lines) + "\n]}\n")
+    json.loads((DATA / "recordings.json").read_text())
     print("wrote", DATA / "recordings.json")
 
 
