@@ -251,3 +251,56 @@ def test_a_prompt_without_exactly_one_image_is_refused():
     batch = processor(text=["<image> and <image> answer"], images=[tiny_image(1), tiny_image(2)], return_tensors="pt")
     with pytest.raises(ValueError, match="exactly one image per sample"):
         model.generate(**batch, num_beams=2, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("architecture", ["llava_next", "vipllava"])
+def test_other_llava_models_find_their_image_span_and_batch_alone(architecture):
+    from hallupatch.testing.families import tiny_vlm
+
+    model, processor = tiny_vlm(architecture)
+    processor.tokenizer.padding_side = "left"
+    hallupatch.apply(model, method="opera", threshold=3)
+    prompts = ["<image> describe the picture answer", "what is in this <image> photo ? answer"]
+    images = [tiny_image(1).resize((56, 40)), tiny_image(2).resize((40, 56))]
+    spans = []
+    original = opera_module._SampleSearch._image_span
+
+    def spy(self, input_ids, merged_length):   # the span is checked against the cached merged length inside
+        spans.append(original(self, input_ids, merged_length))
+        return spans[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(opera_module._SampleSearch, "_image_span", spy)
+        batch = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        together = run(model, batch)
+        for i in range(2):
+            alone = processor(text=[prompts[i]], images=[images[i]], return_tensors="pt")
+            single = run(model, alone)
+            assert torch.equal(together[i, batch.input_ids.shape[1]:], single[0, alone.input_ids.shape[1]:])
+    assert spans[0] == spans[2] and spans[1] == spans[3]
+    assert all(s.image_end - s.image_start + 1 > 1 for s in spans)
+
+
+def test_the_original_llava_class_generating_from_its_spliced_embeddings(tmp_path):
+    """The original LLaVA ``generate(ids, images=...)`` splices the image and generates from ``inputs_embeds``:
+    OPERA finds the span where the projected image sits in those embeddings."""
+    from test_llama_family import (ORIGINAL_LLAVA_IMAGE_TOKEN, StandInLlavaLlamaForCausalLM, saved_and_reloaded,
+                                   tiny_llama_config)
+
+    model = saved_and_reloaded(StandInLlavaLlamaForCausalLM(tiny_llama_config(mm_hidden_size=24)),
+                               StandInLlavaLlamaForCausalLM, tmp_path)
+    ids = torch.tensor([[1, 12, 5, ORIGINAL_LLAVA_IMAGE_TOKEN, 40, 7, 9]])
+    images = torch.randn(1, 6, 24, generator=torch.Generator().manual_seed(2))
+    spans = []
+    original = opera_module._SampleSearch._image_span
+
+    def spy(self, input_ids, merged_length):
+        spans.append(original(self, input_ids, merged_length))
+        return spans[-1]
+
+    hallupatch.apply(model, method="opera", threshold=2)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(opera_module._SampleSearch, "_image_span", spy)
+        out = model.generate(ids, images=images, num_beams=3, do_sample=False, max_new_tokens=14, min_new_tokens=14)
+    assert spans == [opera_module.ImageSpan(image_start=3, image_end=8, response_start=12)]
+    assert out.shape == (1, 14) and len(hallupatch.get_trace(model, "opera").locations[0]) >= 14

@@ -332,11 +332,11 @@ def _sample_inputs(input_ids: torch.Tensor, model_kwargs: Dict[str, Any], rows: 
     for name, value in model_kwargs.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_rows:
             value = value[rows]
-            if name == "attention_mask":
+            if name in ("attention_mask", "inputs_embeds") and keep is not None:
                 value = value[:, keep]
         sample_kwargs[name] = value
     dropped = 0
-    if keep is not None:
+    if keep is not None and ids.shape[1] == keep.shape[0]:   # (from inputs_embeds the ids hold no prompt)
         dropped = ids.shape[1] - int(keep.sum())
         ids = ids[:, keep]
     return ids, sample_kwargs, dropped
@@ -428,20 +428,28 @@ class _SampleSearch:
         return rows.reshape(beams, n, -1)
 
     def _image_span(self, input_ids: torch.Tensor, merged_length: int) -> ImageSpan:
-        """``key_position`` as OPERA's LLaVA wrapper computes it, in this sample's merged sequence."""
+        """``key_position`` as OPERA's LLaVA wrapper computes it, in this sample's merged sequence. A generation
+        from ``inputs_embeds`` alone (the newer original-LLaVA ``generate``, which splices the image itself)
+        has no ids: the image starts where the visual tokens sit in those embeddings."""
         patch, spec = self.opera.patch, self.opera.parts.spec
-        token = spec.image_token_id(patch.model)
-        per_image = spec.tokens_per_image(patch.model)
-        places = (input_ids[0] == token).nonzero().flatten().tolist()
         memory = patch.generation.visual_memory
-        if len(places) != per_image or not memory or memory[0] is None:
+        visual = memory[0] if memory else None   # every beam of the sample has its image
+        if input_ids.shape[1] == 0:
+            places = [] if visual is None else _rows_at(self.opera.prompt_embeds[0], visual)
+            per_image, what = 1, "image(s) among its input embeddings"
+        else:
+            token, per_image = spec.image_token_id(patch.model), spec.tokens_per_image(patch.model)
+            places, what = (input_ids[0] == token).nonzero().flatten().tolist(), "image token(s) in input_ids"
+        if len(places) != per_image or visual is None:
             raise ValueError(
                 f"OPERA needs exactly one image per sample (its key_position holds one image span); this sample "
-                f"has {len(places) // max(per_image, 1)} image token(s) in input_ids"
+                f"has {len(places) // max(per_image, 1) if visual is not None else 0} {what}"
             )
-        n_visual = memory[0].shape[0]
+        n_visual = visual.shape[0]
         start = places[0]
-        span = ImageSpan(start, start + n_visual - 1, input_ids.shape[1] - per_image + n_visual)
+        merged = self.opera.prompt_embeds.shape[1] if input_ids.shape[1] == 0 else \
+            input_ids.shape[1] - per_image + n_visual
+        span = ImageSpan(start, start + n_visual - 1, merged)
         if span.response_start != merged_length:
             raise RuntimeError(
                 f"OPERA computed a merged prompt of {span.response_start} positions but the model cached "
@@ -465,8 +473,10 @@ class _SampleSearch:
         keep_attentions = return_dict and self.output_attentions
         keep_hidden = return_dict and self.output_hidden_states
 
-        prompt_length = cur_len = input_ids.shape[1]
-        model_kwargs["cache_position"] = torch.arange(cur_len, device=input_ids.device)
+        prompt_length = cur_len = input_ids.shape[1]   # 0 when generating from inputs_embeds
+        embeds = model_kwargs.get("inputs_embeds")
+        cached = embeds.shape[1] if embeds is not None else cur_len
+        model_kwargs["cache_position"] = torch.arange(cached, device=input_ids.device)
         original_kwargs = dict(model_kwargs)   # the fork's model_kwargs_ori (for choosing a position again)
         scores: List[torch.Tensor] = []
         raw_logits: List[torch.Tensor] = []
@@ -647,6 +657,14 @@ class _SampleSearch:
         kwargs["cache_position"] = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
         outputs, _ = self._forward(input_ids, kwargs, read_attention=False)
         return outputs, kwargs
+
+
+def _rows_at(sequence: torch.Tensor, block: torch.Tensor) -> List[int]:
+    """The positions where ``block`` (n, hidden) occurs row for row in ``sequence`` (length, hidden)."""
+    n = block.shape[0]
+    block = block.to(sequence.device, sequence.dtype)
+    firsts = (sequence[: sequence.shape[0] - n + 1] == block[0]).all(dim=-1).nonzero().flatten().tolist()
+    return [s for s in firsts if torch.equal(sequence[s:s + n], block)]
 
 
 def _append_row(rows: torch.Tensor, new_row: torch.Tensor, response_start: int) -> torch.Tensor:
