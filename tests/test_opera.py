@@ -304,3 +304,16 @@ def test_the_original_llava_class_generating_from_its_spliced_embeddings(tmp_pat
         out = model.generate(ids, images=images, num_beams=3, do_sample=False, max_new_tokens=14, min_new_tokens=14)
     assert spans == [opera_module.ImageSpan(image_start=3, image_end=8, response_start=12)]
     assert out.shape == (1, 14) and len(hallupatch.get_trace(model, "opera").locations[0]) >= 14
+
+
+def test_a_patched_model_copies_and_pickles_with_its_opera(planted):
+    import pickle
+
+    model, processor, summary = planted
+    model = copy.deepcopy(model)
+    hallupatch.apply(model, method="opera", threshold=5)
+    batch = inputs(processor, [0])
+    expected = run(model, batch, logits_processor=forcing(processor, summary))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(run(clone, batch, logits_processor=forcing(processor, summary)), expected)
+        assert hallupatch.get_trace(clone, "opera").rollbacks == hallupatch.get_trace(model, "opera").rollbacks

@@ -286,6 +286,9 @@ class Opera:
         if model_kwargs.get("past_key_values") is not None:
             raise ValueError("OPERA starts from the prompt: generate() with past_key_values is not supported")
         model_kwargs.pop("cache_position", None)
+        if options.get("max_length") is not None:
+            raise ValueError("OPERA's beam search takes its length from generate()'s stopping criteria "
+                             "(max_new_tokens / max_length of generate), not a max_length argument")
         if options.get("synced_gpus"):
             raise ValueError("OPERA does not support synced_gpus (DeepSpeed ZeRO-3 generation)")
         if batch_size > 1 and options.get("return_dict_in_generate") and (
@@ -464,7 +467,7 @@ class _SampleSearch:
         input_ids, scorer, model_kwargs = self.input_ids, self.scorer, dict(self.model_kwargs)
         num_beams = scorer.num_beams
         pad_token_id = options.get("pad_token_id")
-        eos_token_id = _eos_token_id(self.criteria, model)
+        eos_token_id = _eos_token_id(self.criteria, model, options.get("eos_token_id"))
         return_dict = bool(options.get("return_dict_in_generate"))
         output_scores = return_dict and bool(options.get("output_scores"))
         output_logits = return_dict and bool(options.get("output_logits"))
@@ -695,10 +698,11 @@ def _side_pass(patch: Patch) -> Iterator[None]:
         patch.generation, patch.state.info, patch.state.memory_rows = saved_generation, saved_info, saved_rows
 
 
-def _eos_token_id(criteria: StoppingCriteriaList, model: nn.Module) -> Optional[List[int]]:
-    """The end-of-sequence ids as transformers 4.40's ``_beam_search`` finds them."""
+def _eos_token_id(criteria: StoppingCriteriaList, model: nn.Module, given: Any = None) -> Optional[List[int]]:
+    """The end-of-sequence ids as transformers 4.40's ``_beam_search`` finds them (``given``: its deprecated
+    ``eos_token_id`` argument)."""
     found = [c.eos_token_id.tolist() for c in criteria if hasattr(c, "eos_token_id")]
-    eos = found[0] if found else model.generation_config.eos_token_id
+    eos = given if given is not None else found[0] if found else model.generation_config.eos_token_id
     return [eos] if isinstance(eos, int) else eos
 
 
