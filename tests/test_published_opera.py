@@ -55,10 +55,15 @@ def test_every_setting_rolls_back_somewhere():
         (15, 5), (5, 5), (25, 1)}
 
 
-@pytest.mark.parametrize("plain", RECORDINGS["plain_beam_search"], ids=lambda r: f"prompt{r['prompt']}")
+EOS = 2
+PLAIN_WITHOUT_EOS = [r for r in RECORDINGS["plain_beam_search"] if EOS not in r["tokens"]]
+
+
+@pytest.mark.parametrize("plain", PLAIN_WITHOUT_EOS, ids=lambda r: f"prompt{r['prompt']}")
 def test_weights_give_the_fork_plain_beam_search(model, pixel_values, plain):
-    """Unpatched transformers 4.40 beam search on these weights = the fork's 4.29 beam search (no EOS reached,
-    so the two versions' length normalisations cannot differ): the conversion of the weights is right."""
+    """Unpatched transformers 4.40 beam search on these weights = the fork's 4.29 beam search: the weights and
+    their conversion are right. Only prompts where no beam ends with EOS: there 4.29 divides a hypothesis' score
+    by the whole sequence length and 4.40 by the generated length, so stock 4.40 may differ (the port must not)."""
     inputs = prompt_inputs(plain["prompt"], pixel_values)
     out = model.generate(**inputs, num_beams=RECORDINGS["num_beams"], do_sample=False,
                          max_new_tokens=plain["max_new_tokens"])
