@@ -133,7 +133,7 @@ def test_one_step_penalties_recomputed(model, pixel_values, run, step):
 def test_port_matches_published_fork(model, pixel_values, run):
     """hallupatch's OPERA inside transformers 4.40 beam search computes what the fork computes: the same tokens,
     the same all-beams rollback location at every loop iteration, the same rollbacks (when, from where, which
-    winning column, back to which position)."""
+    winning column, back to which position), and at the recorded steps the same candidates and penalties."""
     import hallupatch
 
     inputs = prompt_inputs(run["prompt"], pixel_values)
@@ -149,3 +149,10 @@ def test_port_matches_published_fork(model, pixel_values, run):
     recorded = [(r["iteration"], r["from_position"], r["location"], r["to_position"]) for r in run["rollbacks"]]
     assert rollbacks == recorded
     assert list(trace.locations[0]) == run["locations"]
+    for step in run["penalties"]:
+        recorded_step = trace.candidates[0][step["iteration"]]
+        assert recorded_step.tokens.tolist() == step["candidate_tokens"]
+        torch.testing.assert_close(recorded_step.penalties.float(), torch.tensor(step["penalty"]),
+                                   rtol=2e-3, atol=1e-5)
+        torch.testing.assert_close(recorded_step.scores.float(), torch.tensor(step["penalised_scores"]),
+                                   rtol=1e-4, atol=1e-4)
