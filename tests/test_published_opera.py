@@ -156,3 +156,54 @@ def test_port_matches_published_fork(model, pixel_values, run):
                                    rtol=2e-3, atol=1e-5)
         torch.testing.assert_close(recorded_step.scores.float(), torch.tensor(step["penalised_scores"]),
                                    rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------- the same weights as the original LLaVA class (generate(ids, images=))
+def most_rollbacks_without_eos(case):
+    runs = [r for r in RECORDINGS["runs"] if r["case"] == case and EOS not in r["tokens"]]
+    return max(runs, key=lambda r: len(r["rollbacks"]))
+
+
+ORIGINAL_CLASS_RUNS = [most_rollbacks_without_eos(case) for case in ("default", "many_rollbacks", "fast", "small_scale")]
+
+
+@pytest.fixture(scope="module")
+def original_llava(model):
+    """The tiny weights in the original LLaVA repository's layout (``LlavaLlamaForCausalLM`` with
+    ``model.mm_projector``; ``generate(ids, images=CLIP features)`` splices them in at the ``-200`` token)."""
+    from test_llama_family import StandInLlavaLlamaForCausalLM
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**model.config.text_config.to_dict(), mm_hidden_size=model.config.vision_config.hidden_size)
+    original = StandInLlavaLlamaForCausalLM(config).eval()
+    state = {k[len("language_model."):]: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
+    projector = model.multi_modal_projector
+    for index, linear in ((0, projector.linear_1), (2, projector.linear_2)):
+        state[f"model.mm_projector.{index}.weight"] = linear.weight
+        state[f"model.mm_projector.{index}.bias"] = linear.bias
+    original.load_state_dict(state)
+    original.generation_config = model.generation_config
+    return original
+
+
+@pytest.mark.parametrize("run", ORIGINAL_CLASS_RUNS, ids=run_id)
+def test_port_on_the_original_llava_class_matches_published_fork(model, original_llava, pixel_values, run):
+    """The fork's own class is the original LLaVA one: the port on that form (image span found in the spliced
+    embeddings) reproduces the fork too. Runs without EOS only: generating from ``inputs_embeds`` leaves the
+    prompt out of the sequence that beam search's length normalisation counts."""
+    import hallupatch
+
+    pixels = pixel_values[run["prompt"]:run["prompt"] + 1]
+    features = model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    ids = torch.tensor([[FORK_IMAGE_TOKEN if t == PROMPTS["image_token_index"] else t
+                         for t in PROMPTS["input_ids"][run["prompt"]]]])
+    hallupatch.apply(original_llava, method="opera", **run["knobs"])
+    try:
+        out = original_llava.generate(ids, images=features, num_beams=run["num_beams"], do_sample=False,
+                                      max_new_tokens=run["max_new_tokens"])
+        trace = hallupatch.get_trace(original_llava, "opera")
+    finally:
+        hallupatch.remove(original_llava)
+    assert out[0].tolist() == run["tokens"]
+    assert [(r.iteration, r.from_position, r.location, r.to_position) for r in trace.rollbacks[0]] == [
+        (r["iteration"], r["from_position"], r["location"], r["to_position"]) for r in run["rollbacks"]]
