@@ -18,6 +18,7 @@ DATA = Path(__file__).resolve().parent / "data" / "published_opera"
 RECORDINGS = json.loads((DATA / "recordings.json").read_text())
 PROMPTS = json.loads((DATA / "prompts.json").read_text())
 FORK_IMAGE_TOKEN = -200  # the original LLaVA's image placeholder in the fork's input ids
+EOS = 2
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,13 @@ def test_every_setting_rolls_back_somewhere():
         assert not any(run["swallowed_errors"] for run in runs), case
     assert {(r["knobs"]["threshold"], r["knobs"]["num_attn_candidates"]) for r in RECORDINGS["runs"]} == {
         (15, 5), (5, 5), (25, 1)}
+    # the float16 column store both overflows (inf, ties -> first column) and underflows (all 0 -> column 0)
+    by_case = lambda key, case: sum(r[key] for r in RECORDINGS["runs"] if r["case"] == case)  # noqa: E731
+    assert by_case("overflow_iterations", "default") > 0 and by_case("overflow_iterations", "fast") > 0
+    assert by_case("underflow_iterations", "small_scale") > 0
+    assert any(EOS in r["tokens"] for r in RECORDINGS["runs"])  # beams that end early: 4.29's length normalisation
 
 
-EOS = 2
 PLAIN_WITHOUT_EOS = [r for r in RECORDINGS["plain_beam_search"] if EOS not in r["tokens"]]
 
 

@@ -255,6 +255,8 @@ class OperaTracer:
         self.penalty_iterations = set(penalty_iterations)
         self.iteration = -1
         self.locations, self.rollbacks, self.penalties, self.swallowed = [], [], [], []
+        # iterations past the 10-column rule whose float16 column scores overflowed (some inf) or all underflowed
+        self.overflow_iterations, self.underflow_iterations = 0, 0
         self.rollback_started = False
 
     def __enter__(self):
@@ -280,6 +282,10 @@ class OperaTracer:
             self.rollback_started = False
         elif mark == self.MARK_SCORED:
             self.locations.append(int(f["rollback_loc"]))
+            if int(f["cur_response_lens"]) > 10:
+                column_max = f["rollback_scores"]
+                self.overflow_iterations += bool(torch.isinf(column_max).any())
+                self.underflow_iterations += bool((column_max == 0).all())
             if self.iteration in self.penalty_iterations:
                 self.penalties.append({
                     "iteration": self.iteration,
@@ -355,6 +361,8 @@ def record(only=None, show=False) -> None:
                     "case": name, "prompt": p, "knobs": knobs, "num_beams": NUM_BEAMS, "max_new_tokens": max_new,
                     "key_position": key_position, "tokens": tokens, "locations": tracer.locations,
                     "rollbacks": tracer.rollbacks, "swallowed_errors": tracer.swallowed,
+                    "overflow_iterations": tracer.overflow_iterations,
+                    "underflow_iterations": tracer.underflow_iterations,
                     "penalties": tracer.penalties,
                 }
                 results.append(entry)
