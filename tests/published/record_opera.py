@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -53,7 +52,7 @@ NUM_LAYERS = 3
 HIDDEN = 32
 IMAGE_SIZE = 56  # 4x4 patches of 14 -> 16 visual tokens
 N_VISUAL = (IMAGE_SIZE // 14) ** 2
-MARKER_WORDS = os.environ.get("OPERA_MARKERS", "cat").split()
+MARKER_WORDS = ["cat"]  # chosen by trying: it first appears after response position 10 in several runs
 SYSTEM = ("a chat between a curious human and an artificial intelligence assistant . the assistant gives "
           "helpful , detailed , and polite answers to the questions of the human . the assistant can see the "
           "image and can describe the objects , the shape , the color and the position of any object in the scene .")
@@ -65,6 +64,7 @@ PROMPTS = [  # (text before the image, text after it); long enough that diffuse 
      "assistant :"),
 ]
 SUPPRESSED = ["<unk>", "<s>", "<pad>", "<image>"]  # kept out of the responses by the LM head (see build)
+EOS_LIFT = 16.0  # some beams end early: the fork's (4.29) length normalisation then decides the winner
 CONSTANT_DIM, MARKER_DIM = 0, 1  # residual-stream channels reserved by the plant
 PLANT_HEAD, PLANT_PAIR = 0, 3  # head 0, rotary pair (3, 7) of head_dim 8: ~1e-3 rad per token, almost position-free
 QUERY_GAIN, KEY_GAIN = 6.0, 6.0
@@ -78,6 +78,7 @@ CASES = [
     ("small_scale", dict(scale_factor=20.0, threshold=5, num_attn_candidates=5, penalty_weights=1.0), 64),
 ]
 NUM_BEAMS = 5
+PENALTY_CASES, PENALTY_ITERATIONS = ("default", "small_scale"), (3, 14)  # before / after the 10-column rule
 PLAIN_MAX_NEW_TOKENS = 64  # the fork's plain (non-OPERA) beam search, to check the weights and the conversion
 
 
@@ -127,6 +128,8 @@ def build() -> None:
         suppressed = tokenizer.convert_tokens_to_ids(SUPPRESSED)
         model.language_model.lm_head.weight[suppressed] = 0.0
         model.language_model.lm_head.weight[suppressed, CONSTANT_DIM] = -40.0
+        # a constant lift of the EOS logit: some beams finish early and compete with longer ones
+        model.language_model.lm_head.weight[tokenizer.eos_token_id, CONSTANT_DIM] += EOS_LIFT
     DATA.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(DATA, safe_serialization=True)
     processor.save_pretrained(DATA)
@@ -252,6 +255,8 @@ class OperaTracer:
         self.penalty_iterations = set(penalty_iterations)
         self.iteration = -1
         self.locations, self.rollbacks, self.penalties, self.swallowed = [], [], [], []
+        # iterations past the 10-column rule whose float16 column scores overflowed (some inf) or all underflowed
+        self.overflow_iterations, self.underflow_iterations = 0, 0
         self.rollback_started = False
 
     def __enter__(self):
@@ -277,6 +282,10 @@ class OperaTracer:
             self.rollback_started = False
         elif mark == self.MARK_SCORED:
             self.locations.append(int(f["rollback_loc"]))
+            if int(f["cur_response_lens"]) > 10:
+                column_max = f["rollback_scores"]
+                self.overflow_iterations += bool(torch.isinf(column_max).any())
+                self.underflow_iterations += bool((column_max == 0).all())
             if self.iteration in self.penalty_iterations:
                 self.penalties.append({
                     "iteration": self.iteration,
@@ -345,12 +354,15 @@ def record(only=None, show=False) -> None:
                 continue
             for p, hf_ids in enumerate(prompts["input_ids"]):
                 fork_ids = [IMAGE_TOKEN_FORK if t == prompts["image_token_index"] else t for t in hf_ids]
+                steps = PENALTY_ITERATIONS if name in PENALTY_CASES else ()
                 tokens, tracer, key_position = run_fork(
-                    model, fork_ids, pixels[p:p + 1], knobs, max_new, penalty_iterations=(3, 14))
+                    model, fork_ids, pixels[p:p + 1], knobs, max_new, penalty_iterations=steps)
                 entry = {
                     "case": name, "prompt": p, "knobs": knobs, "num_beams": NUM_BEAMS, "max_new_tokens": max_new,
                     "key_position": key_position, "tokens": tokens, "locations": tracer.locations,
                     "rollbacks": tracer.rollbacks, "swallowed_errors": tracer.swallowed,
+                    "overflow_iterations": tracer.overflow_iterations,
+                    "underflow_iterations": tracer.underflow_iterations,
                     "penalties": tracer.penalties,
                 }
                 results.append(entry)
