@@ -177,8 +177,10 @@ def test_output_scores_follow_the_kept_steps(planted):
     assert out.sequences.shape == (4, batch.input_ids.shape[1] + NEW_TOKENS)
     transition = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
     assert torch.isfinite(transition).all()
-    # with length_penalty 1 a sequence's score is its summed transition scores over its length
-    torch.testing.assert_close(transition.sum(-1) / NEW_TOKENS, out.sequences_scores, rtol=1e-4, atol=1e-4)
+    # with length_penalty 1 a sequence's score is its summed transition scores over the length of the whole
+    # sequence (its own prompt ids included), as the fork's transformers 4.29 scores hypotheses
+    lengths = batch.attention_mask.sum(-1).repeat_interleave(2) + NEW_TOKENS
+    torch.testing.assert_close(transition.sum(-1) / lengths, out.sequences_scores, rtol=1e-4, atol=1e-4)
 
 
 # -- cost: only the last layer's attention --------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
-from transformers.generation.beam_search import BeamSearchScorer
+from transformers.generation.beam_search import BeamHypotheses, BeamSearchScorer
 from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
@@ -345,14 +345,26 @@ def _sample_inputs(input_ids: torch.Tensor, model_kwargs: Dict[str, Any], rows: 
     return ids, sample_kwargs, dropped
 
 
+class WholeLengthHypotheses(BeamHypotheses):
+    """Finished hypotheses scored as in the fork's transformers 4.29: the summed log-probabilities divided by
+    the length of the whole sequence (prompt ids included, the end token not), and the stopping heuristic on
+    that length; 4.40 divides by the generated length. Used with ``decoder_prompt_len=0``."""
+
+    def add(self, hyp, sum_logprobs, beam_indices=None, generated_len=None):
+        super().add(hyp, sum_logprobs, beam_indices=beam_indices, generated_len=None)
+
+
 def _sample_scorer(scorer: BeamSearchScorer, dropped: int) -> BeamSearchScorer:
+    """A beam scorer for one sample run alone, its hypotheses scored as the fork scores them."""
     hyps = scorer._beam_hyps[0]
     max_length = None if hyps.max_length is None else hyps.max_length - dropped
-    return BeamSearchScorer(
+    own = BeamSearchScorer(
         batch_size=1, num_beams=scorer.num_beams, device=scorer.device, length_penalty=scorer.length_penalty,
         do_early_stopping=scorer.do_early_stopping, num_beam_hyps_to_keep=scorer.num_beam_hyps_to_keep,
         max_length=max_length,
     )
+    own._beam_hyps = [WholeLengthHypotheses(own.group_size, own.length_penalty, own.do_early_stopping, max_length)]
+    return own
 
 
 def _sample_criteria(criteria: Optional[StoppingCriteriaList], dropped: int) -> StoppingCriteriaList:
@@ -593,7 +605,7 @@ class _SampleSearch:
             next_tokens = next_tokens % vocab
             beam_outputs = scorer.process(input_ids, next_scores, next_tokens, next_indices,
                                           pad_token_id=pad_token_id, eos_token_id=eos_token_id,
-                                          beam_indices=beam_indices, decoder_prompt_len=prompt_length)
+                                          beam_indices=beam_indices, decoder_prompt_len=0)   # 4.29's lengths
             beam_scores = beam_outputs["next_beam_scores"]
             beam_next_tokens = beam_outputs["next_beam_tokens"]
             beam_idx = beam_outputs["next_beam_indices"]
@@ -610,7 +622,7 @@ class _SampleSearch:
 
         final = scorer.finalize(input_ids, beam_scores, next_tokens, next_indices, pad_token_id=pad_token_id,
                                 eos_token_id=eos_token_id, max_length=self.criteria.max_length,
-                                beam_indices=beam_indices, decoder_prompt_len=prompt_length)
+                                beam_indices=beam_indices, decoder_prompt_len=0)
         return _SampleResult(
             sequences=final["sequences"], sequence_scores=final["sequence_scores"] if output_scores else None,
             beam_indices=final.get("beam_indices"), prompt_length=prompt_length, scores=scores,
@@ -651,13 +663,14 @@ class _SampleSearch:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=input_ids.device)
         with _side_pass(self.opera.patch):
             first = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, return_dict=True)
+        # generate()'s bookkeeping as it stands after the prompt and the `generated - 1` steps before this one
+        generated = input_ids.shape[1] - prompt_length
         kwargs = dict(original_kwargs)
         kwargs["past_key_values"] = first.past_key_values
         if kwargs.get("attention_mask") is not None:
-            extra = input_ids.shape[1] - kwargs["attention_mask"].shape[1]
             kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"],
-                                                  kwargs["attention_mask"].new_ones((beams, extra))], 1)
-        kwargs["cache_position"] = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+                                                  kwargs["attention_mask"].new_ones((beams, generated))], 1)
+        kwargs["cache_position"] = kwargs["cache_position"][-1:] + generated
         outputs, _ = self._forward(input_ids, kwargs, read_attention=False)
         return outputs, kwargs
 
