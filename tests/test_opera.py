@@ -319,3 +319,10 @@ def test_a_patched_model_copies_and_pickles_with_its_opera(planted):
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(run(clone, batch, logits_processor=forcing(processor, summary)), expected)
         assert hallupatch.get_trace(clone, "opera").rollbacks == hallupatch.get_trace(model, "opera").rollbacks
+
+
+def test_opera_next_to_another_method_is_refused():
+    model, processor = tiny_llava(seed=0)
+    hallupatch.apply(model, method="memvr+opera", starting_layer=0, ending_layer=3)
+    with pytest.raises(ValueError, match="does not combine with \\['memvr'\\]"):
+        model.generate(**inputs(processor, [0]), num_beams=2, max_new_tokens=2)
