@@ -7,6 +7,8 @@ model instance:
 * hooks on the last decoder layer's attention module (``FamilySpec.layer_attention``) that, only while
   OPERA asks for it, make that one module return its attention weights and keep the last query row's
   maximum over heads (no ``output_attentions`` for the other layers);
+* pre-hooks on every layer's attention module that, during the candidates' forward, share each beam's
+  cached keys and values among its candidates (one write into what attention reads, no copy per candidate);
 * a replacement of the instance's ``_beam_search`` that runs OPERA's loop, sample by sample (each
   sample's rollbacks change its own length, so a batch gives every sample what it gives alone);
 * a check on ``generate()``'s configuration (OPERA exists only inside beam search).
@@ -219,13 +221,48 @@ class LastLayerAttention:
             logger.setLevel(level)
 
 
-def _expand_cache(past: Any, repeat: int) -> Any:
-    """Every row of a cache (legacy tuples or a transformers ``Cache``) repeated ``repeat`` times in place."""
-    from transformers.cache_utils import Cache, DynamicCache
+class SharedRows:
+    """What one attention layer of the candidates' forward uses as its cache: the step's keys and values
+    ``(beams, heads, length, dim)``, each beam's rows shared by its ``repeat`` candidates without a copy of
+    their own; ``update`` writes them once, with the candidates' new keys, into what attention reads. Nothing
+    is stored: the candidates' forward is discarded and the step's cache stays as it was."""
 
-    legacy = past.to_legacy_cache() if isinstance(past, Cache) else past
-    expanded = tuple(tuple(t.repeat_interleave(repeat, dim=0) for t in layer) for layer in legacy)
-    return DynamicCache.from_legacy_cache(expanded) if isinstance(past, Cache) else expanded
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeat: int):
+        self.keys, self.values, self.repeat = keys, values, repeat
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        return self._with_new(self.keys, key_states), self._with_new(self.values, value_states)
+
+    def _with_new(self, cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        rows, heads, length, dim = cached.shape
+        shared = cached[:, None].expand(rows, self.repeat, heads, length, dim)
+        own = new.view(rows, self.repeat, heads, new.shape[-2], dim)
+        return torch.cat([shared, own], dim=-2).view(rows * self.repeat, heads, length + new.shape[-2], dim)
+
+
+class CandidateCache:
+    """Pre-hooks on every decoder layer's attention module that, while ``repeat`` is set (the candidates'
+    forward), hand it :class:`SharedRows` of the step's cache instead of the cache transformers passes."""
+
+    def __init__(self, patch: Patch, modules: List[nn.Module]):
+        self.repeat: Optional[int] = None
+        for module in modules:
+            patch.hook(module, self._before, pre=True, with_kwargs=True)
+
+    def _before(self, module, args, kwargs):
+        cache = kwargs.get("past_key_value")
+        if self.repeat is None or cache is None:
+            return None
+        keys, values = cache[module.layer_idx]
+        return args, {**kwargs, "past_key_value": SharedRows(keys, values, self.repeat)}
+
+    @contextlib.contextmanager
+    def sharing(self, repeat: int) -> Iterator[None]:
+        self.repeat = repeat
+        try:
+            yield
+        finally:
+            self.repeat = None
 
 
 class Opera:
@@ -238,6 +275,8 @@ class Opera:
         self.trace = OperaTrace()
         attention = get_path(self.parts.layers[-1], self.parts.spec.layer_attention)
         self.attention = LastLayerAttention(patch, attention)
+        self.candidate_cache = CandidateCache(
+            patch, [get_path(layer, self.parts.spec.layer_attention) for layer in self.parts.layers])
         self.prompt_embeds: Optional[torch.Tensor] = None   # the decoder's input at the latest prefill
         patch.hook(self.parts.pass_start, self._decoder_input, pre=True, with_kwargs=True)
         patch.wrap_method(patch.model, "_get_logits_processor", self._get_logits_processor)
@@ -433,13 +472,13 @@ class _SampleSearch:
         ``(beams, N, keys)`` (maximum over heads)."""
         beams, n = candidates.shape
         kwargs = self.model._update_model_kwargs_for_generation(outputs, dict(model_kwargs))
-        for name, value in kwargs.items():
-            if name == "past_key_values":
-                kwargs[name] = _expand_cache(value, n)
-            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == beams:
+        for name, value in kwargs.items():   # the step's cache stays per beam: CandidateCache shares its rows
+            if name != "past_key_values" and isinstance(value, torch.Tensor) and value.dim() > 0 \
+                    and value.shape[0] == beams:
                 kwargs[name] = value.repeat_interleave(n, dim=0)
         ids = torch.cat([input_ids.repeat_interleave(n, dim=0), candidates.reshape(-1, 1)], dim=-1)
-        _, rows = self._forward(ids, kwargs, read_attention=True, side=True)
+        with self.opera.candidate_cache.sharing(n):
+            _, rows = self._forward(ids, kwargs, read_attention=True, side=True)
         return rows.reshape(beams, n, -1)
 
     def _image_span(self, input_ids: torch.Tensor, merged_length: int) -> ImageSpan:
