@@ -26,6 +26,7 @@ from hallupatch.compat import make_generate_compatible  # noqa: E402
 from hallupatch.early_exit import early_exit_logits  # noqa: E402
 from hallupatch.methods.memvr import MemVRConfig  # noqa: E402
 from hallupatch.methods.dola import DoLaConfig, get_layer_trace  # noqa: E402
+from hallupatch.methods.opera import OperaConfig  # noqa: E402
 from hallupatch.candidates import Candidate, RankedSample, generate_candidates, mask_iou, rank_candidates  # noqa: E402
 from hallupatch.prior import estimate_layer_prior  # noqa: E402
 from hallupatch.spec import supported  # noqa: E402
@@ -34,7 +35,7 @@ _map_source_checkout("patches", "patches")
 
 __all__ = [
     "apply", "remove", "patched", "MemVRConfig", "early_exit_logits", "set_visual_memory", "get_trace",
-    "DoLaConfig", "get_layer_trace", "generate_candidates", "rank_candidates", "mask_iou", "estimate_layer_prior",
+    "DoLaConfig", "OperaConfig", "get_layer_trace", "generate_candidates", "rank_candidates", "mask_iou", "estimate_layer_prior",
     "Candidate", "RankedSample", "supported", "make_generate_compatible",
 ]
 __version__ = "0.1.0"

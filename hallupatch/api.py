@@ -177,6 +177,8 @@ def get_trace(model: nn.Module, method: str = "memvr"):
     ``"memvr"``: a :class:`~hallupatch.methods.memvr.MemVRTrace`, per pass and sample where retracing
     fired (``trace.trigger_layers()``, ``trace.passes[i].entropies``). ``"dola"``: a
     :class:`~hallupatch.methods.dola.LayerContrastTrace`, the premature layer each sample used per step.
+    ``"opera"``: a :class:`~hallupatch.methods.opera.OperaTrace`, each sample's rollbacks
+    (``trace.rollbacks[sample]``, ``trace.positions(sample)``) and voted locations.
     """
     patch = _require_patch(model, "get_trace")
     if method not in patch.methods:

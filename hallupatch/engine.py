@@ -273,6 +273,10 @@ class Patch:
                 return counts
         if num_images == batch_size:
             return [1] * batch_size
+        if num_images * self.call.row_repeat == batch_size:
+            # the images were projected before generate() repeated the rows (inputs_embeds spliced by the
+            # model's own generate, then beams): one per sample, matched to its copies by _memory_rows
+            return [1] * num_images
         if batch_size == 1:
             return [num_images]
         raise RuntimeError(

@@ -144,6 +144,10 @@ class FamilySpec:
     # whether the last entry of the model's output_hidden_states has the final norm applied (transformers
     # models: yes; GLM-4V's own code returns the last layer's raw output there)
     final_hidden_normed: bool = True
+    # the attention module of a decoder layer (path relative to the layer) that returns its attention
+    # weights as output[1] when called with output_attentions=True (OPERA reads the last layer's); None
+    # where the family's attention cannot return them
+    layer_attention: Optional[str] = None
     # published per-method defaults for the family, e.g. {"memvr": {"starting_layer": 9}}; they
     # replace the config class's own defaults for knobs the user does not set
     method_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)

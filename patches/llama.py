@@ -32,6 +32,7 @@ LLAMA = register_family(
         layer_ffn_in="mlp.up_proj.weight",
         layer_ffn_out="mlp.down_proj.weight",
         adapter_activation="identity",
+        layer_attention="self_attn",
         image_token_id=_image_token_id,
     )
 )

@@ -25,6 +25,7 @@ LLAVA_NEXT = register_family(
         layer_ffn_in="mlp.up_proj.weight",
         layer_ffn_out="mlp.down_proj.weight",
         adapter_activation="identity",
+        layer_attention="self_attn",
         image_token_id=image_token_index,
     )
 )

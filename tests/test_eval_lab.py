@@ -73,7 +73,7 @@ def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys
                       "--threshold", "0.2", "--no-progress"])
     printed = capsys.readouterr().out
     labels = ["none", "memvr", "memvr threshold 0", "memvr threshold 0.2 (dev)", "dola low", "dola high",
-              "dola low +norm", "dola high +norm", "memvr+dola"]
+              "dola low +norm", "dola high +norm", "memvr+dola", "opera", "opera fast"]
     for benchmark, test in (("pope", "McNemar"), ("chair", "bootstrap")):
         comparison = json.loads((out / benchmark / "comparison.json").read_text())
         assert list(comparison["methods"]) == labels and test in comparison["test"]
@@ -84,6 +84,9 @@ def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys
         settings = json.loads((out / benchmark / harness.method_folder_name("memvr threshold 0") / "run.json").read_text())
         assert settings["method"] == "memvr" and settings["knobs"]["entropy_threshold"] == 0.0
         assert settings["model"] == str(lab_checkpoint.resolve())
+        opera = json.loads((out / benchmark / "opera-fast" / "run.json").read_text())
+        assert opera["knobs"] == {"threshold": 25, "num_attn_candidates": 1} and opera["decoding"]["num_beams"] == 5
+        assert all("opera_rollbacks" in a for a in read_answers(out / benchmark / "opera" / "answers.jsonl"))
     # threshold 0 fires at the first checked layer in every pass (what a diffuse logit lens does)
     fired = read_answers(out / "pope" / harness.method_folder_name("memvr threshold 0") / "answers.jsonl")
     assert all(set(a["memvr"]["trigger_layers"]) == {1} for a in fired)

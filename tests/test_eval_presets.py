@@ -24,6 +24,11 @@ PUBLISHED = {
                                repetition_penalty=1.05,
                                layer_prior=[0.13899, 0.10750, 0.09652, 0.12360, 0.12347, 0.12838, 0.12860, 0.15291]), {}),
     "regcap-captions": ("regcap", dict(max_new_tokens=50), {}),
+    # OPERA pope_eval.py / chair_eval.py: --beam 5, scale 50, threshold 15, 5 candidates, penalty 1;
+    # max_new_tokens 10 (POPE) and 512 (CHAIR); the README's fast setting: threshold 25, 1 candidate
+    "opera": ("pope", dict(method="opera", num_beams=5, max_new_tokens=10), {}),
+    "opera-fast": ("pope", dict(method="opera", num_beams=5, max_new_tokens=10, opera_threshold=25,
+                                num_attn_candidates=1), {}),
 }
 
 
@@ -45,7 +50,16 @@ def test_each_preset_sets_the_published_values(name):
     for key, value in values.items():
         assert getattr(args, key) == value, (name, key)
     assert dict(PRESETS[name].recipe) == recipe and args.preset == name
-    assert not args.do_sample and args.num_beams == 1   # greedy, as every script (temperature 0 / do_sample False)
+    assert not args.do_sample   # greedy or beam search, as every script (temperature 0 / do_sample False)
+    assert args.num_beams == values.get("num_beams", 1)
+
+
+@pytest.mark.parametrize("name", ["opera", "opera-fast"])
+def test_opera_presets_take_each_benchmark_s_published_length(name):
+    for benchmark, length in (("pope", 10), ("chair", 512), ("mme", None), ("phd", None)):
+        args = cli.parse_args([benchmark, "--preset", name])
+        assert args.method == "opera" and args.num_beams == 5 and args.max_new_tokens == length
+        assert (args.opera_threshold, args.num_attn_candidates) == ((25, 1) if name == "opera-fast" else (None, None))
 
 
 def test_flags_win_over_the_preset_and_a_wrong_benchmark_is_refused(capsys):

@@ -31,6 +31,12 @@ KNOBS = {  # CLI flag -> (config field, type, help)
     "--layer-prior": ("layer_prior", lambda text: _prior(text),
                       "layer contrast: a prior JSON (python -m hallupatch.prior) or one weight per candidate, e.g. 0.2,0.8"),
     "--layer-seed": ("seed", int, "layer contrast with a prior: seed of the per-sample layer draws"),
+    "--scale-factor": ("scale_factor", float, "OPERA: attention scale before the column products (default 50)"),
+    "--opera-threshold": ("threshold", int, "OPERA: rollback when a location wins more than this many times "
+                          "(default 15; fast 25)"),
+    "--num-attn-candidates": ("num_attn_candidates", int, "OPERA: candidates per beam (default 5; fast 1)"),
+    "--penalty-weights": ("penalty_weights", float, "OPERA: weight of the over-trust penalty (default 1.0)"),
+    "--window-size": ("window_size", int, "OPERA: the fork's history length (default 512)"),
 }
 
 
@@ -93,8 +99,9 @@ def _shared_options() -> argparse.ArgumentParser:
                    "default: the built-in data, where the benchmark has one")
     g.add_argument("--preset", help="the settings of a published evaluation script (flags given here win); "
                    "--preset help lists them")
-    g.add_argument("--method", help="none, memvr, dola (layer contrast), memvr+dola, or several "
-                   "separated by commas (none,memvr,dola) to compare them on the same questions")
+    g.add_argument("--method", help="none, memvr, dola (layer contrast), memvr+dola, opera (beam search with "
+                   "OPERA's penalty and rollbacks), or several separated by commas (none,memvr,dola) to compare "
+                   "them on the same questions")
     for flag, (_, typ, text) in KNOBS.items():
         g.add_argument(flag, type=typ, help=text)
     g.add_argument("--output", help="results folder (default: ./hallupatch_output/<benchmark>-<model>-<method>)")
@@ -109,7 +116,8 @@ def _shared_options() -> argparse.ArgumentParser:
     d.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     d.add_argument("--temperature", type=float, help="with --do-sample (default: the checkpoint's generation config)")
     d.add_argument("--top-p", type=float, help="with --do-sample: nucleus sampling mass, in (0, 1]")
-    d.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1)")
+    d.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1; OPERA runs 5 unless "
+                   "a width >= 2 is given)")
     d.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1.0 = none)")
     d.add_argument("--seed", type=int, help="seed Python, NumPy and torch before each method answers; sampled "
                    "answers are seeded per question, so they do not depend on --batch-size (CHAIR: also the seed "

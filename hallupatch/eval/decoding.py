@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
+
+#: beams a method runs with when the run asks for none (``--num-beams`` 1): OPERA exists only inside
+#: beam search, and its published scripts use 5
+METHOD_BEAMS: Mapping[str, int] = {"opera": 5}
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class Decoding:
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         return kwargs
+
+    def for_method(self, method: str) -> "Decoding":
+        """The settings ``method`` (e.g. ``"opera"``, ``"none"``) generates with: a method that needs beams
+        (:data:`METHOD_BEAMS`) gets its published beam count where the run sets none (``num_beams`` 1)."""
+        beams = max((METHOD_BEAMS.get(part, 1) for part in method.split("+")), default=1)
+        return dataclasses.replace(self, num_beams=beams) if self.num_beams == 1 and beams > 1 else self
 
     def settings(self) -> Dict[str, Any]:
         """What ``run.json`` records (keys sorted, as ``run.json`` stores them, so a stored copy is equal)."""

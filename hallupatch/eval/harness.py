@@ -105,8 +105,9 @@ def check_unique(questions: Sequence[Question]) -> None:
 def method_records(model, method: str, passes: Sequence[int], rows_per_sample: int = 1) -> List[Dict[str, Any]]:
     """What ``method`` did for each sample of the latest ``generate()`` (``passes[i]``: forward passes
     of sample ``i``'s own answer), as answer-record fields: ``memvr`` (the trigger layer, or None, per
-    pass) and ``dola_layers`` (the premature hidden-state index per step). Only discrete decisions are
-    recorded, so answers files stay byte-identical across batch sizes. Traces are read once per batch.
+    pass), ``dola_layers`` (the premature hidden-state index per step) and ``opera_rollbacks`` (each
+    rollback's ``[from_position, to_position]``). Only discrete decisions are recorded, so answers files
+    stay byte-identical across batch sizes. Traces are read once per batch.
 
     ``rows_per_sample``: the model's rows per sample (the beams of beam search; sample ``i`` owns rows
     ``i*k .. i*k+k-1``). With several, each pass records one trigger layer per beam row, in row order
@@ -117,6 +118,7 @@ def method_records(model, method: str, passes: Sequence[int], rows_per_sample: i
     parts = method.split("+")
     fired = hallupatch.get_trace(model, "memvr").trigger_layers() if "memvr" in parts else None
     contrasted = hallupatch.get_trace(model, "dola").layers() if "dola" in parts else None
+    retraced = hallupatch.get_trace(model, "opera").rollbacks if "opera" in parts else None
     k = rows_per_sample
     records: List[Dict[str, Any]] = []
     for sample, n in enumerate(passes):
@@ -132,6 +134,8 @@ def method_records(model, method: str, passes: Sequence[int], rows_per_sample: i
             fields["memvr"] = {"passes": len(own), "triggered_passes": triggered, "trigger_layers": own}
         if contrasted is not None and sample < len(contrasted):
             fields["dola_layers"] = contrasted[sample][:n]
+        if retraced is not None and sample < len(retraced):
+            fields["opera_rollbacks"] = [[r.from_position, r.to_position] for r in retraced[sample]]
         records.append(fields)
     return records
 
@@ -405,10 +409,11 @@ def check_variants(model, variants: Mapping[str, Variant], decoding: Decoding = 
 
     from hallupatch.engine import get_patch
 
-    generation = GenerationConfig.from_dict({**model.generation_config.to_dict(), **decoding.generate_kwargs()})
     for label, variant in variants.items():
         if variant.method == "none":
             continue
+        generation = GenerationConfig.from_dict({**model.generation_config.to_dict(),
+                                                 **decoding.for_method(variant.method).generate_kwargs()})
         try:
             with applied(model, variant.method, variant.knobs):
                 for installed in get_patch(model).methods.values():
@@ -431,7 +436,8 @@ def file_hashes(knobs: Mapping[str, Any]) -> Dict[str, str]:
 def run_settings(run: Run, variant: Variant) -> Dict[str, Any]:
     """What ``run.json`` records for one variant: the run-wide settings, the method, its knobs (with
     the hash of any file a knob names) and the batch size (recorded, not compared on resume)."""
-    settings = {**run.settings, "method": variant.method, "knobs": dict(variant.knobs), "batch_size": run.batch_size}
+    settings = {**run.settings, "method": variant.method, "knobs": dict(variant.knobs), "batch_size": run.batch_size,
+                "decoding": run.decoding.for_method(variant.method).settings()}
     hashes = file_hashes(variant.knobs)
     if hashes:
         settings["file_hashes"] = hashes
@@ -466,8 +472,9 @@ def evaluate(task: Task, run: Run) -> tuple:
             method, knobs = variant.method, variant.knobs
             out = method_folder(run, label)
             open_run(out, settings[label], proc, overwrite=run.overwrite, on_main=lambda: task.prepare_output(out))
-            run.backend.decoding = run.decoding
-            run.decoding.seed_everything()
+            decoding = run.decoding.for_method(method)   # OPERA: 5 beams where the run sets none
+            run.backend.decoding = decoding
+            decoding.seed_everything()
             with applied(run.backend.model, method, knobs):
                 start = time.perf_counter()
                 produced = answer_questions(

@@ -22,6 +22,7 @@ from hallupatch.eval.embedded import LAB, LAB_MEMVR_WINDOW, lab_backend
 from hallupatch.eval.harness import SCREEN_WIDTH, Variant
 from hallupatch.eval.models import THREADS_HELP, choose_threads
 from hallupatch.eval.stats import wilson_interval
+from hallupatch.methods.opera import FAST as OPERA_FAST
 
 BENCHMARKS = ("pope", "chair")
 DEFAULT_OUTPUT = Path("hallupatch_output") / "lab"
@@ -47,6 +48,8 @@ def variants(dev_threshold: float) -> Dict[str, Variant]:
         "dola low +norm": Variant("dola", {"candidate_layers": "low", "early_exit_norm": True}),
         "dola high +norm": Variant("dola", {"candidate_layers": "high", "early_exit_norm": True}),
         "memvr+dola": Variant("memvr+dola", {**window, "entropy_threshold": dev_threshold, "candidate_layers": "low"}),
+        "opera": Variant("opera"),                                          # published knobs, 5 beams
+        "opera fast": Variant("opera", dict(OPERA_FAST)),                   # threshold 25, 1 candidate
     }
 
 

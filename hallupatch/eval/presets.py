@@ -15,14 +15,20 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 REGION_CAPTION_PRIOR = "0.13899,0.10750,0.09652,0.12360,0.12347,0.12838,0.12860,0.15291"
 
 
+#: ``Preset.benchmark`` of a preset that every benchmark takes
+EVERY_BENCHMARK = "every benchmark"
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
-    benchmark: str
+    benchmark: str                            # the benchmark it is for, or EVERY_BENCHMARK
     source: str                               # the published script
     description: str                          # what it sets, and where it departs from the script
     args: Tuple[str, ...]                     # command-line arguments, before the user's own
     recipe: Mapping[str, Any] = field(default_factory=dict)   # Recipe fields to change (no flag of their own)
+    # further arguments on some benchmarks (a published script's generation length), after ``args``
+    benchmark_args: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
 
 
 def _memvr(ratio: float, start: int, end: int) -> Tuple[str, ...]:
@@ -30,7 +36,19 @@ def _memvr(ratio: float, start: int, end: int) -> Tuple[str, ...]:
             "--starting-layer", str(start), "--ending-layer", str(end))
 
 
+#: OPERA's scripts: pope_eval.py generates 10 new tokens, chair_eval.py 512; both run 5 beams (--beam 5)
+OPERA_LENGTHS = {"pope": ("--max-new-tokens", "10"), "chair": ("--max-new-tokens", "512")}
+OPERA_SOURCE = "OPERA pope_eval.py / chair_eval.py (opera_decoding=True, --beam 5)"
+
 PRESETS: Dict[str, Preset] = {p.name: p for p in [
+    Preset("opera", EVERY_BENCHMARK, OPERA_SOURCE,
+           "OPERA with its published knobs (scale 50, threshold 15, 5 candidates, penalty 1) in 5-beam search; "
+           "POPE 10 new tokens, CHAIR 512, as the scripts", ("--method", "opera", "--num-beams", "5"),
+           benchmark_args=OPERA_LENGTHS),
+    Preset("opera-fast", EVERY_BENCHMARK, OPERA_SOURCE + ", the README's fast setting",
+           "OPERA's fast setting (threshold 25, 1 candidate) in 5-beam search; POPE 10 new tokens, CHAIR 512",
+           ("--method", "opera", "--num-beams", "5", "--opera-threshold", "25", "--num-attn-candidates", "1"),
+           benchmark_args=OPERA_LENGTHS),
     Preset("memvr-mme-llava", "mme", "MemVR eval_scripts/llava/mme.sh (llava_model_vqa_loader, --temperature 0)",
            "LLaVA-1.5, MemVR ratio 0.12, threshold 0.75, layers 5..16, max_new_tokens 1, greedy; LLaVA's "
            "short-answer prompt", _memvr(0.12, 5, 16) + ("--max-new-tokens", "1")),
@@ -64,6 +82,7 @@ def preset_help() -> str:
     for p in PRESETS.values():
         lines += [f"  {p.name}  [{p.benchmark}]", f"      from: {p.source}", f"      {p.description}",
                   f"      sets: {' '.join(p.args)}" + "".join(f" {k}={v}" for k, v in p.recipe.items())]
+        lines += [f"      {benchmark}: {' '.join(extra)}" for benchmark, extra in p.benchmark_args.items()]
     return "\n".join(lines)
 
 
@@ -74,7 +93,7 @@ def get_preset(name: str, benchmark: str) -> Preset:
 
         raise ValueError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; choose one of {sorted(PRESETS)} (--preset help describes them)")
     preset = PRESETS[name]
-    if preset.benchmark != benchmark:
+    if preset.benchmark not in (benchmark, EVERY_BENCHMARK):
         raise ValueError(f"preset {name!r} is for {preset.benchmark}, not {benchmark}: "
                          f"python -m hallupatch.eval {preset.benchmark} --preset {name}")
     return preset
@@ -82,4 +101,4 @@ def get_preset(name: str, benchmark: str) -> Preset:
 
 def with_preset(argv: Sequence[str], preset: Preset) -> List[str]:
     """``argv`` (benchmark first) with the preset's arguments before the user's, so the user's win."""
-    return [argv[0], *preset.args, *argv[1:]]
+    return [argv[0], *preset.args, *preset.benchmark_args.get(argv[0], ()), *argv[1:]]

@@ -82,4 +82,4 @@ def parse_method(method: str) -> List[Method]:
 
 
 def _load_builtin_methods() -> None:
-    from hallupatch.methods import dola, memvr  # noqa: F401
+    from hallupatch.methods import dola, memvr, opera  # noqa: F401
