@@ -59,6 +59,7 @@ class Method:
     name: str
     config_cls: type
     install: Callable
+    combinable: bool = True   # may be joined with other methods by "+" (a second-branch method may not)
 
 
 def register_method(method: Method) -> Method:
@@ -75,8 +76,15 @@ def parse_method(method: str) -> List[Method]:
         raise ValueError(
             f"unknown method {method!r}: use one of {sorted(METHODS)} or several joined with '+' (e.g. 'memvr+dola')"
         )
-    return [METHODS[name] for name in names]
+    chosen = [METHODS[name] for name in names]
+    alone = [m.name for m in chosen if not m.combinable]
+    if alone and len(chosen) > 1:
+        raise ValueError(
+            f"method {alone[0]!r} runs a second branch of the model and does not combine with other methods; "
+            f"apply it alone (method={alone[0]!r})"
+        )
+    return chosen
 
 
 def _load_builtin_methods() -> None:
-    from hallupatch.methods import dola, memvr  # noqa: F401
+    from hallupatch.methods import dola, icd, m3id, memvr, pai, vcd  # noqa: F401
