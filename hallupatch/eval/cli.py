@@ -32,6 +32,33 @@ KNOBS = {  # CLI flag -> (config field, type, help)
     "--layer-seed": ("seed", int, "layer contrast with a prior: seed of the per-sample layer draws"),
 }
 
+# knobs of the two-branch baselines, which share field names (alpha, beta) with other meanings: each flag acts
+# on the methods it names only. flag -> (methods, config field, type, help)
+SCOPED_KNOBS = {
+    "--cd-alpha": (("vcd", "icd"), "alpha", float, "VCD/ICD contrast strength (published cd_alpha; default 1)"),
+    "--cd-beta": (("vcd", "icd", "m3id"), "beta", float,
+                  "VCD/ICD/M3ID plausibility cutoff (published cd_beta; default 0.1; 0 = no mask)"),
+    "--noise-step": (("vcd",), "noise_step", int, "VCD diffusion step, 0-based in [0, 999] (default 500)"),
+    "--noise-seed": (("vcd",), "noise_seed", int, "VCD: seed of the image noise (default: torch's global generator)"),
+    "--icd-instruction": (("icd",), "instruction", lambda text: int(text) if text.isdigit() else text,
+                          "ICD disturbing instruction: an index 0-4 into the published five, or the text (default 0)"),
+    "--m3id-lambda": (("m3id",), "lambda_decay", float, "M3ID decay lambda of exp(-lambda t) (default 0.02)"),
+    "--pai-alpha": (("pai",), "alpha", float, "PAI attention amplification (default 0.2)"),
+    "--pai-gamma": (("pai",), "gamma", float, "PAI CFG strength (default 1.1; PAI's eval scripts default to 2)"),
+    "--pai-start-layer": (("pai",), "start_layer", int, "PAI: first amplified 0-based layer (default 2)"),
+    "--pai-end-layer": (("pai",), "end_layer", int, "PAI: amplified layers end here, excluded (default 32)"),
+    "--pai-use-attn": (("pai",), "use_attn", lambda text: _boolean(text), "PAI attention part on/off (default true)"),
+    "--pai-use-cfg": (("pai",), "use_cfg", lambda text: _boolean(text), "PAI CFG part on/off (default true)"),
+}
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+
 
 def _layers_or_name(text: str):
     """``low`` / ``high`` as given, else a comma-separated list of hidden-state indices."""
@@ -92,9 +119,11 @@ def _shared_options() -> argparse.ArgumentParser:
                    "default: the built-in data, where the benchmark has one")
     g.add_argument("--preset", help="the settings of a published evaluation script (flags given here win); "
                    "--preset help lists them")
-    g.add_argument("--method", default="none", help="none, memvr, dola (layer contrast), memvr+dola, or several "
-                   "separated by commas (none,memvr,dola) to compare them on the same questions")
+    g.add_argument("--method", default="none", help="none, memvr, dola (layer contrast), memvr+dola, vcd, icd, m3id, "
+                   "pai, or several separated by commas (none,vcd,icd,memvr) to compare them on the same questions")
     for flag, (_, typ, text) in KNOBS.items():
+        g.add_argument(flag, type=typ, help=text)
+    for flag, (_, _, typ, text) in SCOPED_KNOBS.items():
         g.add_argument(flag, type=typ, help=text)
     g.add_argument("--output", help="results folder (default: ./hallupatch_output/<benchmark>-<model>-<method>)")
     g.add_argument("--batch-size", type=int, help="questions per generate() call, left-padded; answers equal those "
@@ -209,6 +238,13 @@ def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedM
     given = {k: v for k, v in given.items() if v is not None}
     if given and list(methods) == ["none"]:
         raise ValueError(f"method knobs {sorted(given)} need --method memvr (or another method)")
+    scoped = {flag: (owners, field, getattr(args, flag[2:].replace("-", "_"), None))
+              for flag, (owners, field, _, _) in SCOPED_KNOBS.items()}
+    scoped = {flag: spec for flag, spec in scoped.items() if spec[2] is not None}
+    running = {part for method in methods for part in method.split("+")}
+    for flag, (owners, _, _) in scoped.items():
+        if given_variants is None and not running & set(owners):
+            raise ValueError(f"{flag} is a knob of {' and '.join(owners)}: add --method {owners[0]}")
 
     def defaults(method: str) -> Dict[str, Any]:
         if embedded is None or method == "none":
@@ -223,7 +259,9 @@ def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedM
     variants = {}
     for method in methods:
         fields = set() if method == "none" else {k for m in parse_method(method) for k in m.config_cls.knobs()}
-        variants[method] = harness.Variant(method, {**defaults(method), **{k: v for k, v in given.items() if k in fields}})
+        own = {field: value for owners, field, value in scoped.values() if method in owners}
+        variants[method] = harness.Variant(
+            method, {**defaults(method), **{k: v for k, v in given.items() if k in fields}, **own})
     return variants
 
 

@@ -41,6 +41,11 @@ def variants(dev_threshold: float) -> Dict[str, Variant]:
         "dola low +norm": Variant("dola", {"candidate_layers": "low", "early_exit_norm": True}),
         "dola high +norm": Variant("dola", {"candidate_layers": "high", "early_exit_norm": True}),
         "memvr+dola": Variant("memvr+dola", {**window, "entropy_threshold": dev_threshold, "candidate_layers": "low"}),
+        "vcd": Variant("vcd", {"noise_seed": 0}),   # published alpha 1, beta 0.1, step 500; noise fixed per run
+        "icd": Variant("icd"),
+        "m3id": Variant("m3id"),
+        "pai": Variant("pai"),   # the built-in model's end_layer (its depth), published alpha and gamma
+
     }
 
 

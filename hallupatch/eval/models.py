@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from hallupatch.methods.two_branch import branch_call_inputs
+
 from hallupatch.eval.data import Question
 from hallupatch.eval.decoding import GREEDY, Decoding
 
@@ -248,9 +250,11 @@ class LlavaHFBackend(Backend):
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         tokenizer = self.processor.tokenizer
+        branch = {k: v.to(self.device) for k, v in branch_call_inputs(self.model, texts, tokenizer).items()}
         with torch.inference_mode():
             output = self.model.generate(
                 **inputs,
+                **branch,
                 **self.decoding.generate_kwargs(),
                 max_new_tokens=max_new_tokens or self.recipe.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,

@@ -69,15 +69,20 @@ class ICDConfig(MethodConfig):
     Args:
         alpha: contrast strength (``cd_alpha``; the eval scripts' 1; the sampler's own fallback is 0.5).
         beta: plausibility cutoff ``log(beta) + max z`` on the main branch's raw logits (``cd_beta``; 0 = no mask).
+        instruction: the disturbing instruction used where hallupatch builds the branch's prompt itself (the
+            eval harness; :func:`branch_call_inputs`): an index into :data:`ICD_INSTRUCTIONS` or the text.
+            ``generate(input_ids_cd=...)`` given by the caller is used as it is.
     """
 
     method_name: ClassVar[str] = "icd"
     alpha: float = 1.0
     beta: float = 0.1
+    instruction: Union[int, str] = 0
 
     def validate(self) -> None:
         self.alpha = check_alpha(self.alpha)
         self.beta = check_beta(self.beta)
+        icd_prompt(LLAVA_SYSTEM_PROMPTS[0], self.instruction)   # a ValueError naming the valid range
 
     def check_value(self, knob: str, value) -> None:
         (check_alpha if knob == "alpha" else check_beta)(value, "cd_" + knob)
@@ -110,6 +115,17 @@ class InstructionContrast(TwoBranch):
 
     def combine(self, main, branch, step):
         return contrast_raw(main, branch, self.knob("alpha", "cd_alpha"), self.knob("beta", "cd_beta"))
+
+    def prompt_inputs(self, prompts, tokenizer) -> dict:
+        """``generate()``'s ``input_ids_cd`` / ``attention_mask_cd`` for rendered ``prompts`` (left-padded)."""
+        texts = [icd_prompt(p, self.config.instruction) for p in prompts]
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            encoded = tokenizer(texts, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = side
+        return {"input_ids_cd": encoded["input_ids"], "attention_mask_cd": encoded["attention_mask"]}
 
 
 def install(patch: Patch, config: ICDConfig) -> InstructionContrast:

@@ -150,6 +150,10 @@ class TwoBranch:
         """Whether this configuration adds its logits processor (PAI with ``use_cfg=False`` does not)."""
         return True
 
+    def prompt_inputs(self, prompts: List[str], tokenizer: Any) -> Dict[str, Any]:
+        """Extra ``generate()`` inputs built from the rendered prompts (ICD: its branch's ids); none by default."""
+        return {}
+
     def uses_branch(self) -> bool:
         """Whether this configuration runs a second branch at all (PAI without its CFG part does not)."""
         return True
@@ -303,6 +307,20 @@ class ContrastProcessor:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return self.method.step(input_ids, scores)
+
+
+def branch_call_inputs(model: Any, prompts: List[str], tokenizer: Any) -> Dict[str, Any]:
+    """The ``generate()`` inputs that the two-branch method patched into ``model`` builds from the rendered
+    ``prompts`` (ICD: ``input_ids_cd`` / ``attention_mask_cd``); ``{}`` for any other model. Used by the eval
+    backends so that a harness never needs to know the method."""
+    from hallupatch.engine import get_patch
+
+    patch = get_patch(model)
+    out: Dict[str, Any] = {}
+    for method in (patch.methods.values() if patch is not None else ()):
+        if isinstance(method, TwoBranch):
+            out.update(method.prompt_inputs(list(prompts), tokenizer))
+    return out
 
 
 def contrast_raw(main: torch.Tensor, branch: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
