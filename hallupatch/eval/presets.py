@@ -66,10 +66,13 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in [
            "runs what it means to run", ("--method", "icd", "--cd-alpha", "1", "--cd-beta", "0.1", "--icd-instruction",
                                          "0", "--do-sample", "--temperature", "1", "--top-p", "1",
                                          "--max-new-tokens", "1024")),
-    Preset("m3id-pope-llava", "pope", "AvisC eval_bench/scripts/pope_eval_batch.sh with use_m3id (avisc_sample.py)",
-           "LLaVA-1.5, M3ID beta 0.1, lambda 0.02 (hard-coded there), sampling (AvisC's sampler), seed 42, "
-           "max_new_tokens 64; its branch has its own cache (AvisC updates the wrong cache dictionary)",
-           ("--method", "m3id", "--cd-beta", "0.1", "--do-sample", "--seed", "42", "--max-new-tokens", "64")),
+    Preset("m3id-mme-llava", "mme", "AvisC experiments/cd_scripts/mme_eval.sh with model=llava, use_m3id=True "
+           "(experiments/eval/mme_llava.py, avisc_utils/avisc_sample.py)",
+           "LLaVA-1.5, M3ID beta 0.1, lambda 0.02 (hard-coded there), sampling at temperature 1, top-p 1, seed 55, "
+           "max_new_tokens 64, the question as asked (mme_llava.py adds no suffix); the branch has its own cache "
+           "(AvisC's sampler updates the wrong cache dictionary)",
+           ("--method", "m3id", "--cd-beta", "0.1", "--do-sample", "--temperature", "1", "--top-p", "1", "--seed",
+            "55", "--max-new-tokens", "64"), {"question_style": "as_is"}),
     Preset("pai-pope-llava", "pope", "PAI README: pope_eval.py --use-attn --alpha 0.2 --use-cfg --gamma 1.1 "
            "--start-layer 2 --end-layer 32", "LLaVA-1.5, PAI alpha 0.2, gamma 1.1 (the README's command; "
            "pope_eval.py's own --gamma default is 2), layers 2..31, greedy (no --sample), max_new_tokens 512",
