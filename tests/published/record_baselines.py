@@ -488,10 +488,13 @@ def _stub_pai_encoders():
     base = "llava.model.multimodal_encoder."
     for mod, names in {
         "intern_vit_6b.modeling_intern_vit": ["InternVisionModel"],
+        "internvl_14b": [],
+        "internvl_14b.configuration_internvl": ["InternVLConfig"],
         "internvl_14b.modeling_internvl": ["InternVLModel"],
         "eva_clip.modeling_evaclip": ["EvaCLIPVisionModel"],
     }.items():
         m = types.ModuleType(base + mod)
+        m.__path__ = []
         for n in names:
             setattr(m, n, type(n, (), {}))
         sys.modules[base + mod] = m
@@ -574,7 +577,11 @@ def record_pai(args):
 def load_pai_model(cls, attn):
     config = cls.config_class.from_pretrained(LLAVA_DIR)
     config.mm_vision_tower = str(CLIP_DIR)
-    model = cls.from_pretrained(LLAVA_DIR, config=config, attn_implementation=attn).eval()
+    # transformers 4.37.0 ignores attn_implementation="eager" next to an explicit config (the property reads
+    # "eager" while unset) and then picks sdpa; setting it on the config is what takes effect.
+    config._attn_implementation = attn
+    model = cls.from_pretrained(LLAVA_DIR, config=config).eval()
+    assert model.config._attn_implementation == attn
     model.get_model().get_vision_tower().load_model()
     return model
 
