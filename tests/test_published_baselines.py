@@ -132,6 +132,23 @@ def test_vcd_published_call_form(model, run):
     assert_same_generation(out, run)
 
 
+def test_vcd_eval_loop_after_one_set_seed(model):
+    """The published script seeds once per run and draws each question's noise right before its generate, so
+    later questions' noise follows earlier questions' sampling draws; hallupatch draws it at the start of each
+    generate, which keeps that order."""
+    loop = RECORDED["vcd"]["meta"]["script_loop"]
+    hallupatch.apply(model, "vcd", **loop["knobs"])
+    try:
+        transformers.set_seed(loop["seed"])
+        for question in loop["questions"]:
+            out = model.generate(**main_inputs(question), **loop["generate_kwargs"])
+            torch.testing.assert_close(hallupatch.get_trace(model, "vcd").images_cd.float(), question["images_cd"],
+                                       rtol=0, atol=1e-6)
+            assert generated(out, question) == generated(question["sequences"], question)
+    finally:
+        hallupatch.remove(model)
+
+
 @pytest.mark.parametrize("run", runs("vcd", lambda r: r["generate_kwargs"].get("top_k") == 1))
 def test_vcd_greedy_is_the_published_top_k_1(model, run):
     out, _ = generate_patched(model, "vcd", vcd_knobs(run), run, do_sample=False, top_k=None)
