@@ -341,7 +341,24 @@ def record_vcd(args):
         dropped = model.generate(ids, images=img, images_cd=add_diffusion_noise(images["image0"], 500).unsqueeze(0),
                                  cd_alpha=1.0, cd_beta=0.1, do_sample=False, max_new_tokens=8)
     assert torch.equal(plain, dropped), "VCD's do_sample=False should silently be vanilla greedy"
-    meta = dict(call_form="generate(input_ids, images=, images_cd=add_diffusion_noise(image, noise_step), cd_alpha=, "
+    # the eval script's loop: ONE set_seed for the whole run (object_hallucination_vqa_llava.py:121), then per
+    # question the noise draw and the sampling draws; later questions' noise depends on earlier questions' draws
+    from transformers import set_seed
+    set_seed(55)
+    loop = []
+    for question, image in ((q0, "image1"), (q1, "image0"), (q0, "image0")):
+        prompt = llava_v1_prompt(conv_templates, question, " Please answer this question with one word.")
+        ids = tokenizer_image_token(prompt, tok, -200, return_tensors="pt").unsqueeze(0)
+        images_cd = add_diffusion_noise(images[image], 500).unsqueeze(0)
+        with torch.inference_mode():
+            seq = model.generate(ids, images=images[image].unsqueeze(0), images_cd=images_cd, cd_alpha=1.0,
+                                 cd_beta=0.1, do_sample=True, temperature=1.0, top_p=1.0, top_k=None,
+                                 max_new_tokens=8, use_cache=True)
+        loop.append(dict(input_ids=ids, image=image, images_cd=images_cd, sequences=seq))
+    meta = dict(script_loop=dict(seed=55, knobs=dict(alpha=1.0, beta=0.1, noise_step=500),
+                                 generate_kwargs=dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=None,
+                                                      max_new_tokens=8), questions=loop),
+                call_form="generate(input_ids, images=, images_cd=add_diffusion_noise(image, noise_step), cd_alpha=, "
                           "cd_beta=, do_sample=True, ...) after transformers.set_seed(seed)",
                 do_sample_false_is_vanilla=dict(input_ids=ids, image="image0", sequences=dropped),
                 repetition_penalty_error=repetition_penalty_error)
@@ -360,7 +377,7 @@ def record_icd(args):
     # icd_llava_pope.py:18 imports evolve_icd_sampling, which icd_sample_llava.py does not define (ImportError);
     # the module's function is evolve_iccd_sampling (icd_sample_llava.py:275).
     assert not hasattr(icd_sample_llava, "evolve_icd_sampling")
-    icd_sample_llava.SampleDecoderOnlyOutput = SampleDecoderOnlyOutput  # published NameError (line 264)
+    icd_sample_llava.SampleDecoderOnlyOutput = SampleDecoderOnlyOutput  # published NameError (line 265)
     icd_sample_llava.evolve_iccd_sampling()
 
     model = load_original_llava(LlavaLlamaForCausalLM)
@@ -488,10 +505,13 @@ def _stub_pai_encoders():
     base = "llava.model.multimodal_encoder."
     for mod, names in {
         "intern_vit_6b.modeling_intern_vit": ["InternVisionModel"],
+        "internvl_14b": [],
+        "internvl_14b.configuration_internvl": ["InternVLConfig"],
         "internvl_14b.modeling_internvl": ["InternVLModel"],
         "eva_clip.modeling_evaclip": ["EvaCLIPVisionModel"],
     }.items():
         m = types.ModuleType(base + mod)
+        m.__path__ = []
         for n in names:
             setattr(m, n, type(n, (), {}))
         sys.modules[base + mod] = m
@@ -574,7 +594,11 @@ def record_pai(args):
 def load_pai_model(cls, attn):
     config = cls.config_class.from_pretrained(LLAVA_DIR)
     config.mm_vision_tower = str(CLIP_DIR)
-    model = cls.from_pretrained(LLAVA_DIR, config=config, attn_implementation=attn).eval()
+    # transformers 4.37.0 ignores attn_implementation="eager" next to an explicit config (the property reads
+    # "eager" while unset) and then picks sdpa; setting it on the config is what takes effect.
+    config._attn_implementation = attn
+    model = cls.from_pretrained(LLAVA_DIR, config=config).eval()
+    assert model.config._attn_implementation == attn
     model.get_model().get_vision_tower().load_model()
     return model
 
