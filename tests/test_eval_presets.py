@@ -27,10 +27,11 @@ PUBLISHED = {
     # VCD experiments/cd_scripts/llava1.5_pope.bash; ICD experiments/gen_scripts/icd_llava_pope.py; AvisC
     # experiments/cd_scripts/mme_eval.sh + mme_llava.py; PAI README's pope_eval.py command
     "vcd-pope-llava": ("pope", dict(method="vcd", cd_alpha=1.0, cd_beta=0.2, noise_step=500, do_sample=True,
-                                    temperature=1.0, top_p=1.0, seed=55, max_new_tokens=1024), {}),
+                                    temperature=1.0, top_p=1.0, top_k=0, seed=55, max_new_tokens=1024), {}),
     "icd-pope-llava": ("pope", dict(method="icd", cd_alpha=1.0, cd_beta=0.1, icd_instruction=0, do_sample=True,
-                                    temperature=1.0, top_p=1.0, max_new_tokens=1024), {}),
-    "m3id-mme-llava": ("mme", dict(method="m3id", cd_beta=0.1, do_sample=True, temperature=1.0, top_p=1.0, seed=55,
+                                    temperature=1.0, top_p=1.0, top_k=50, max_new_tokens=1024), {}),
+    "m3id-mme-llava": ("mme", dict(method="m3id", cd_beta=0.1, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                   seed=55,
                                    max_new_tokens=64), {"question_style": "as_is"}),
     "pai-pope-llava": ("pope", dict(method="pai", pai_alpha=0.2, pai_gamma=1.1, pai_start_layer=2, pai_end_layer=32,
                                     max_new_tokens=512), {}),

@@ -136,6 +136,8 @@ def _shared_options() -> argparse.ArgumentParser:
     d.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     d.add_argument("--temperature", type=float, help="with --do-sample (default: the checkpoint's generation config)")
     d.add_argument("--top-p", type=float, help="with --do-sample: nucleus sampling mass, in (0, 1]")
+    d.add_argument("--top-k", type=int, help="with --do-sample: top-k sampling, 0 = off (default: the checkpoint's "
+                   "generation config, transformers' 50)")
     d.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1)")
     d.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1.0 = none)")
     d.add_argument("--seed", type=int, help="seed Python, NumPy and torch before each method answers (CHAIR: also "
@@ -297,10 +299,10 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     check_output_folder(out)
 
     data, data_setting = _data(task, args, out)
-    decoding = Decoding(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+    decoding = Decoding(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.answers and decoding != GREEDY:
-        raise ValueError("the decoding options (--do-sample, --temperature, --top-p, --num-beams, "
+        raise ValueError("the decoding options (--do-sample, --temperature, --top-p, --top-k, --num-beams, "
                          "--repetition-penalty, --seed) generate answers; --answers scores answers made elsewhere")
     if args.answers:
         questions = _questions(task, data, None, out, args, answers=Path(args.answers))
