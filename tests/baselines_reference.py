@@ -19,9 +19,12 @@ def positions(mask):
     return pos.masked_fill(mask == 0, 1)
 
 
-def last_logits(model64, ids, mask, image=None):
+def last_logits(model64, ids, mask, image=None, image_input="pixel_values"):
     """Last-position logits of one full forward, no cache, float64."""
-    kwargs = {"pixel_values": image.double()} if image is not None else {}
+    kwargs = {image_input: image.double()} if image is not None else {}
+    if image_input == "images":   # the original LLaVA class: its forward splices the image in, no padding
+        out = model64(input_ids=ids, use_cache=False, **kwargs)
+        return out.logits[:, -1].double()
     out = model64(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, **kwargs)
     return out.logits[:, -1].double()
 
@@ -52,14 +55,14 @@ def diffusion(x, eps, step):
     return abar.sqrt() * x.double() + (1 - abar).sqrt() * eps.double()
 
 
-def greedy(model64, steps, main, branch, combine):
+def greedy(model64, steps, main, branch, combine, image_input="pixel_values"):
     """``main`` / ``branch``: (ids, mask, image); ``combine(main_logits, branch_logits, step)``. Returns the
     generated tokens (batch, steps) and the contrasted scores per step."""
     (ids, mask, image), (bids, bmask, bimage) = main, branch
     tokens, scores = [], []
     for step in range(steps):
-        z = last_logits(model64, ids, mask, image)
-        zb = last_logits(model64, bids, bmask, bimage)
+        z = last_logits(model64, ids, mask, image, image_input)
+        zb = last_logits(model64, bids, bmask, bimage, image_input)
         out = combine(z, zb, step)
         token = out.argmax(-1, keepdim=True)
         tokens.append(token)
@@ -71,7 +74,7 @@ def greedy(model64, steps, main, branch, combine):
 
 
 @contextlib.contextmanager
-def amplified(model64, layers, rows, columns, alpha):
+def amplified(model64, layers, rows, columns, alpha, decoder_layers=None):
     """Inside: transformers' eager attention in ``layers`` gets ``w + alpha |w|`` on ``columns`` of the
     query ``rows`` (absolute positions of a full, uncached forward, batch 1)."""
     active = []
@@ -88,7 +91,7 @@ def amplified(model64, layers, rows, columns, alpha):
 
     handles = []
     for i in layers:
-        attn = model64.language_model.model.layers[i].self_attn
+        attn = (decoder_layers or model64.language_model.model.layers)[i].self_attn
         handles.append(attn.register_forward_pre_hook(lambda m, a: active.append(1) and None))
         handles.append(attn.register_forward_hook(lambda m, a, o: active.pop() and None))
     F.softmax = softmax

@@ -296,3 +296,71 @@ def test_published_per_call_knobs_override(llava):
     assert torch.equal(configured.sequences, per_call.sequences)
     for a, b in zip(configured.scores, per_call.scores):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- the original LLaVA class
+ORIGINAL = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, output_scores=True,
+                return_dict_in_generate=True)
+
+
+@pytest.fixture(scope="module")
+def original_llava(tmp_path_factory):
+    from test_stock_llava import StockLlavaLlamaForCausalLM
+    from test_llama_family import saved_and_reloaded, tiny_llama_config
+
+    path = tmp_path_factory.mktemp("original-llava")
+    return saved_and_reloaded(StockLlavaLlamaForCausalLM(tiny_llama_config(mm_hidden_size=24)),
+                              StockLlavaLlamaForCausalLM, path)
+
+
+def original_prompt():
+    ids = torch.tensor([[1, 12, -200, 40, 7, 9]])
+    images = torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(2))
+    return ids, images
+
+
+@pytest.mark.parametrize("method", ["vcd", "icd", "m3id"])
+def test_original_llava_class_matches_reference(original_llava, method):
+    model = original_llava
+    ids, images = original_prompt()
+    mask = torch.ones_like(ids)
+    model64 = double_copy(model)
+    hallupatch.apply(model, method)
+    if method == "vcd":
+        noisy = images + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(3))
+        out = model.generate(ids, images=images, images_cd=noisy, **ORIGINAL)
+        branch, combine = (ids, mask, noisy), (lambda z, zb, s: vcd_icd(z, zb, 1.0, 0.1))
+    elif method == "icd":
+        ids_cd = torch.tensor([[1, 30, 31, 12, -200, 40, 7, 9]])
+        out = model.generate(ids, images=images, input_ids_cd=ids_cd, **ORIGINAL)
+        branch, combine = (ids_cd, torch.ones_like(ids_cd), images), (lambda z, zb, s: vcd_icd(z, zb, 1.0, 0.1))
+    else:
+        out = model.generate(ids, images=images, **ORIGINAL)
+        text = ids[:, ids[0] != -200]
+        branch, combine = (text, torch.ones_like(text), None), (lambda z, zb, s: m3id(z, zb, s + 1, 0.1))
+    tokens, scores = greedy(model64, STEPS, (ids, mask, images), branch, combine, image_input="images")
+    hallupatch.remove(model)
+    assert torch.equal(out.sequences[:, -STEPS:], tokens)   # the original generate returns the new tokens only
+
+
+def test_original_llava_class_pai_matches_reference(original_llava):
+    model = original_llava
+    ids, images = original_prompt()
+    model64 = double_copy(model)
+    layers = range(1, 4)
+    hallupatch.apply(model, "pai", alpha=0.5, start_layer=1, end_layer=4)
+    out = model.generate(ids, images=images, **ORIGINAL)
+    hallupatch.remove(model)
+    columns, merged = list(range(2, 7)), ids.shape[1] - 1 + 5     # -200 at 2, 5 visual tokens
+    text = ids[:, ids[0] != -200]
+    seq, bseq = ids, text
+    for step in range(STEPS):
+        rows = [merged + k - 1 for k in range(1, step + 1)]
+        with amplified(model64, layers, rows, columns, 0.5, decoder_layers=model64.model.layers):
+            z = last_logits(model64, seq, None, images, "images")
+        z[:, model.generation_config.eos_token_id] = -float("inf")   # min_new_tokens
+        want = pai_cfg(z, last_logits(model64, bseq, torch.ones_like(bseq)), 1.1)
+        assert out.sequences[0, step].item() == want.argmax(-1).item()
+        assert_scores_close([out.scores[step]], [want])
+        token = out.sequences[:, step:step + 1]
+        seq, bseq = torch.cat([seq, token], 1), torch.cat([bseq, token], 1)

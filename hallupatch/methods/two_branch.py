@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from hallupatch.engine import Patch
+from hallupatch.spec import cache_length
 
 #: ``generate()`` keywords that carry the image: llava-hf (``pixel_values``), the original LLaVA (``images``)
 IMAGE_INPUTS: Tuple[str, ...] = ("pixel_values", "images")
@@ -239,20 +240,24 @@ class TwoBranch:
         if prompt.image is not None:
             images[self.call.image_input] = prompt.image.repeat_interleave(repeat, dim=0)
         state = BranchState(ids, mask, images)
-        self._forward(state)
-        if images and self.call.image_input not in (self.main_image_inputs or set()):
-            # the model's own generate() consumed the image before the loop (the original LLaVA builds
-            # inputs_embeds): like the main branch, later steps run without it, on a mask as long as the cache
-            if not bool(mask.all()):
-                raise ValueError(
-                    f"method {self.name!r} on this model class needs prompts without padding (batch them by length "
-                    "or run them one at a time): its generate() merges the image into the sequence itself"
-                )
-            state.image_inputs = {}
-            from hallupatch.spec import cache_length
-
-            state.attention_mask = torch.ones((ids.shape[0], cache_length(state.past_key_values)),
-                                              dtype=mask.dtype, device=mask.device)
+        if not images or self.call.image_input in (self.main_image_inputs or set()):
+            self._forward(state)
+            return state
+        # the model's own generate() consumed the image before the loop (the original LLaVA splices it into
+        # inputs_embeds): the branch's prefill is the model's forward on ids and image, which splices it the
+        # same way; later steps run without the image, on a mask as long as the cache, like the main branch
+        if not bool(mask.all()):
+            raise ValueError(
+                f"method {self.name!r} on this model class needs prompts without padding (batch them by length "
+                "or run them one at a time): its generate() merges the image into the sequence itself"
+            )
+        with self.branch_forward():
+            output = self.patch.model(input_ids=ids, use_cache=True, return_dict=True, **images)
+        state.past_key_values = output.past_key_values
+        state.logits = output.logits[:, -1, :].float()
+        state.image_inputs = {}
+        state.attention_mask = torch.ones((ids.shape[0], cache_length(state.past_key_values)),
+                                          dtype=mask.dtype, device=mask.device)
         return state
 
     def _advance(self, state: BranchState, tokens: torch.Tensor) -> None:
