@@ -116,16 +116,14 @@ class InstructionContrast(TwoBranch):
     def combine(self, main, branch, step):
         return contrast_raw(main, branch, self.knob("alpha", "cd_alpha"), self.knob("beta", "cd_beta"))
 
-    def prompt_inputs(self, prompts, tokenizer) -> dict:
-        """``generate()``'s ``input_ids_cd`` / ``attention_mask_cd`` for rendered ``prompts`` (left-padded)."""
-        texts = [icd_prompt(p, self.config.instruction) for p in prompts]
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            encoded = tokenizer(texts, return_tensors="pt", padding=True)
-        finally:
-            tokenizer.padding_side = side
-        return {"input_ids_cd": encoded["input_ids"], "attention_mask_cd": encoded["attention_mask"]}
+    def prompt_inputs(self, prompts, encode) -> dict:
+        """``generate()``'s ``input_ids_cd`` (and ``attention_mask_cd``) for rendered ``prompts``, tokenized by
+        ``encode`` (the caller's tokenizer call, left-padded: a mapping with ``input_ids``, ``attention_mask``)."""
+        encoded = encode([icd_prompt(p, self.config.instruction) for p in prompts])
+        out = {"input_ids_cd": encoded["input_ids"]}
+        if encoded.get("attention_mask") is not None:
+            out["attention_mask_cd"] = encoded["attention_mask"]
+        return out
 
 
 def install(patch: Patch, config: ICDConfig) -> InstructionContrast:

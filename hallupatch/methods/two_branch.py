@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -151,8 +151,9 @@ class TwoBranch:
         """Whether this configuration adds its logits processor (PAI with ``use_cfg=False`` does not)."""
         return True
 
-    def prompt_inputs(self, prompts: List[str], tokenizer: Any) -> Dict[str, Any]:
-        """Extra ``generate()`` inputs built from the rendered prompts (ICD: its branch's ids); none by default."""
+    def prompt_inputs(self, prompts: List[str], encode: Callable[[List[str]], Any]) -> Dict[str, Any]:
+        """Extra ``generate()`` inputs built from the rendered prompts (ICD: its branch's ids), tokenized with
+        ``encode``; none by default."""
         return {}
 
     def uses_branch(self) -> bool:
@@ -314,17 +315,18 @@ class ContrastProcessor:
         return self.method.step(input_ids, scores)
 
 
-def branch_call_inputs(model: Any, prompts: List[str], tokenizer: Any) -> Dict[str, Any]:
+def branch_call_inputs(model: Any, prompts: List[str], encode: Callable[[List[str]], Any]) -> Dict[str, Any]:
     """The ``generate()`` inputs that the two-branch method patched into ``model`` builds from the rendered
-    ``prompts`` (ICD: ``input_ids_cd`` / ``attention_mask_cd``); ``{}`` for any other model. Used by the eval
-    backends so that a harness never needs to know the method."""
+    ``prompts`` (ICD: ``input_ids_cd`` / ``attention_mask_cd``), tokenized with ``encode`` (texts -> a mapping
+    with ``input_ids`` and optionally ``attention_mask``, as the caller tokenizes its own prompts); ``{}`` for
+    any other model. Used by the eval backends so that a harness never needs to know the method."""
     from hallupatch.engine import get_patch
 
     patch = get_patch(model)
     out: Dict[str, Any] = {}
     for method in (patch.methods.values() if patch is not None else ()):
         if isinstance(method, TwoBranch):
-            out.update(method.prompt_inputs(list(prompts), tokenizer))
+            out.update(method.prompt_inputs(list(prompts), encode))
     return out
 
 

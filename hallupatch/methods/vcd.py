@@ -52,8 +52,9 @@ class VCDConfig(MethodConfig):
         beta: plausibility cutoff ``log(beta) + max z`` on the main branch's raw logits (``cd_beta``; 0 = no mask).
         noise_step: the diffusion step, a 0-based index into the 1000-step schedule (500: ``0.86302 x + 0.50517 eps``).
         noise_seed: ``None`` draws the noise from torch's global generator at the start of each ``generate()``
-            (so ``transformers.set_seed(s)`` reproduces the published run); an int draws it from a generator
-            seeded with it, independent of the sampling stream.
+            (so ``transformers.set_seed(s)`` reproduces the published run); an int draws each sample's noise
+            from its own generator seeded with it: the same noise every call, whatever the batch, independent
+            of the sampling stream.
     """
 
     method_name: ClassVar[str] = "vcd"
@@ -95,10 +96,13 @@ class VisualContrast(TwoBranch):
                     f"images_cd must have the image's shape {tuple(call.image.shape)}; got {tuple(given.shape)}"
                 )
             self.images_cd = given.to(call.image.device, call.image.dtype)
-        else:
-            seed = self.config.noise_seed
-            generator = None if seed is None else torch.Generator().manual_seed(seed)
-            self.images_cd = add_diffusion_noise(call.image, self.config.noise_step, generator)
+        elif self.config.noise_seed is None:   # the published draw: the whole tensor, global generator
+            self.images_cd = add_diffusion_noise(call.image, self.config.noise_step)
+        else:   # one generator per sample, so a sample's noise does not depend on its batch companions
+            self.images_cd = torch.cat([
+                add_diffusion_noise(row[None], self.config.noise_step, torch.Generator().manual_seed(self.config.noise_seed))
+                for row in call.image
+            ])
         self.trace.images_cd = self.images_cd
 
     def branch_prompt(self, call: GenerateCall) -> BranchPrompt:
