@@ -364,3 +364,14 @@ def test_original_llava_class_pai_matches_reference(original_llava):
         assert_scores_close([out.scores[step]], [want])
         token = out.sequences[:, step:step + 1]
         seq, bseq = torch.cat([seq, token], 1), torch.cat([bseq, token], 1)
+
+
+def test_published_extras_given_as_none_are_not_given(llava):
+    model, processor = llava
+    batch = inputs(processor, QUESTIONS[:1])
+    hallupatch.apply(model, "m3id")
+    plain = model.generate(**batch, **GREEDY)
+    published = model.generate(**batch, images_cd=None, cd_alpha=None, cd_beta=None, **GREEDY)   # AvisC's call
+    assert torch.equal(plain.sequences, published.sequences)
+    with pytest.raises(ValueError, match=r"\['images_cd'\]"):
+        model.generate(**batch, images_cd=batch.pixel_values, **GREEDY)

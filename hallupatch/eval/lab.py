@@ -44,8 +44,7 @@ def variants(dev_threshold: float) -> Dict[str, Variant]:
         "vcd": Variant("vcd", {"noise_seed": 0}),   # published alpha 1, beta 0.1, step 500; noise fixed per run
         "icd": Variant("icd"),
         "m3id": Variant("m3id"),
-        "pai": Variant("pai"),   # the built-in model's end_layer (its depth), published alpha and gamma
-
+        "pai": Variant("pai", dict(LAB.method_knobs["pai"])),   # end_layer = the lab's depth; published alpha, gamma
     }
 
 

@@ -168,7 +168,9 @@ class TwoBranch:
 
     # -- generate() --------------------------------------------------------------------------------
     def _generate(self, original, *args, **kwargs):
+        # a published extra given as None means "not given" (the published scripts pass e.g. images_cd=None)
         extras = {name: kwargs.pop(name) for name in PUBLISHED_CALL_INPUTS if name in kwargs}
+        extras = {name: value for name, value in extras.items() if value is not None}
         refused = sorted(set(extras) - set(self.call_inputs))
         if refused:
             raise ValueError(
