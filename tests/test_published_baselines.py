@@ -3,8 +3,10 @@
 The recordings under ``tests/data/published_baselines/`` were made by running the published samplers themselves
 (DAMO-NLP-SG/VCD, p1k0pan/ICD, sangminwoo/AvisC's M3ID on transformers 4.31; LALBJ/PAI on 4.37) on tiny LLaVA
 weights with ``tests/published/record_baselines.py`` (its docstring names the commits, venvs and commands).
-Here the same weights are loaded as llava-hf's ``LlavaForConditionalGeneration`` in transformers 4.40, patched
-with ``hallupatch.apply`` and driven through plain ``generate()``: the generated tokens must be identical and the
+Here the same weights are loaded in transformers 4.40 in both LLaVA forms hallupatch supports: llava-hf's
+``LlavaForConditionalGeneration`` and a stand-in for the original repository's ``LlavaLlamaForCausalLM`` (the
+class the published scripts call, ``generate(ids, images=...)`` with ``-200`` image tokens), patched with
+``hallupatch.apply`` and driven through plain ``generate()``: the generated tokens must be identical and the
 returned scores, both branches' logits and the contrasted logits equal within float32 noise.
 """
 from __future__ import annotations
@@ -30,14 +32,29 @@ def runs(method, keep=lambda run: True):
     return [pytest.param(run, id=run["name"]) for run in RECORDED[method]["runs"] if keep(run)]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return pl.load_llava_hf(tmp_path_factory.mktemp("published-llava"))
+LOADERS = {"llava-hf": pl.load_llava_hf, "original": pl.load_original}
 
 
-def main_inputs(run):
-    ids = pl.hf_ids(run["input_ids"])
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=IMAGES[run["image"]].unsqueeze(0))
+@pytest.fixture(scope="module", params=list(LOADERS))
+def model(request, tmp_path_factory):
+    return LOADERS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+def is_original(model):
+    return isinstance(model, pl.StandInLlavaLlamaForCausalLM)
+
+
+def ids_for(model, ids):
+    """Recorded (original-form) ids as ``model`` takes them."""
+    return ids if is_original(model) else pl.hf_ids(ids)
+
+
+def main_inputs(model, run):
+    """The original class as the published scripts call it (ids and ``images``); llava-hf with its mask."""
+    ids, pixels = ids_for(model, run["input_ids"]), IMAGES[run["image"]].unsqueeze(0)
+    if is_original(model):
+        return dict(input_ids=ids, images=pixels)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
 
 
 def generation_kwargs(run, **override):
@@ -51,7 +68,7 @@ def generate_patched(model, method, knobs, run, extra=(), **override):
     hallupatch.apply(model, method, **knobs)
     try:
         transformers.set_seed(run["seed"])
-        out = model.generate(**main_inputs(run), **dict(extra), **generation_kwargs(run, **override), **RETURN)
+        out = model.generate(**main_inputs(model, run), **dict(extra), **generation_kwargs(run, **override), **RETURN)
         return out, hallupatch.get_trace(model, method)
     finally:
         hallupatch.remove(model)
@@ -65,8 +82,8 @@ def generated(sequences, run):
     return sequences[:, run["input_ids"].shape[1]:].tolist()
 
 
-def assert_same_generation(out, run):
-    prompt = pl.hf_ids(run["input_ids"])
+def assert_same_generation(model, out, run):
+    prompt = ids_for(model, run["input_ids"])
     assert torch.equal(out.sequences[:, :prompt.shape[1]], prompt)
     assert generated(out.sequences, run) == generated(run["sequences"], run)
     torch.testing.assert_close(stacked(out.scores), run["scores"], **TOL)
@@ -78,16 +95,16 @@ def assert_same_branches(trace, run, contrasted_key="contrasted"):
     torch.testing.assert_close(stacked(trace.contrasted), run[contrasted_key], **TOL)
 
 
-def test_the_converted_weights_compute_the_published_logits(model):
-    """The llava-hf conversion is exact: unpatched, the model gives the main branch's recorded logits (VCD, ICD
-    and M3ID leave the main branch alone) for every recorded step."""
+def test_the_loaded_weights_compute_the_published_logits(model):
+    """Both forms load the recorded weights exactly: unpatched, the model gives the main branch's recorded
+    logits (VCD, ICD and M3ID leave the main branch alone) for every recorded step."""
     for method in ("vcd", "icd", "m3id"):
         for run in RECORDED[method]["runs"]:
-            seq = pl.hf_ids(run["sequences"])[:, :-1]
+            seq = ids_for(model, run["sequences"])[:, :-1]
             steps = run["main_logits"].shape[1]
+            image = {"images" if is_original(model) else "pixel_values": IMAGES[run["image"]].unsqueeze(0)}
             with torch.no_grad():
-                logits = model(input_ids=seq, attention_mask=torch.ones_like(seq),
-                               pixel_values=IMAGES[run["image"]].unsqueeze(0)).logits[:, -steps:]
+                logits = model(input_ids=seq, attention_mask=torch.ones_like(seq), **image).logits[:, -steps:]
             torch.testing.assert_close(logits, run["main_logits"], **TOL)
 
 
@@ -108,7 +125,7 @@ def test_vcd_equals_the_published_sampler(model, run):
     """Noise drawn from the global generator after ``set_seed`` (as the published script draws it right before
     generate), the contrast on raw logits, the cutoff on the main logits, then processors and warpers."""
     out, trace = generate_patched(model, "vcd", vcd_knobs(run), run)
-    assert_same_generation(out, run)
+    assert_same_generation(model, out, run)
     torch.testing.assert_close(trace.images_cd.float(), run["images_cd"], rtol=0, atol=1e-6)
     assert_same_branches(trace, run)
 
@@ -120,8 +137,8 @@ def test_vcd_published_call_form(model, run):
     hallupatch.apply(model, "vcd", noise_step=run["knobs"]["noise_step"])
     try:
         transformers.set_seed(run["seed"])
-        inputs = main_inputs(run)
-        images_cd = hallupatch.add_diffusion_noise(inputs["pixel_values"], run["knobs"]["noise_step"])
+        inputs = main_inputs(model, run)
+        images_cd = hallupatch.add_diffusion_noise(IMAGES[run["image"]].unsqueeze(0), run["knobs"]["noise_step"])
         torch.testing.assert_close(images_cd, run["images_cd"], rtol=0, atol=1e-6)
         published = {k: run["generate_kwargs"][k] for k in ("cd_alpha", "cd_beta") if k in run["generate_kwargs"]}
         if "cd_alpha" not in published:          # the sampler's fallback when the script passes no cd_alpha
@@ -129,7 +146,7 @@ def test_vcd_published_call_form(model, run):
         out = model.generate(**inputs, images_cd=images_cd, **published, **generation_kwargs(run), **RETURN)
     finally:
         hallupatch.remove(model)
-    assert_same_generation(out, run)
+    assert_same_generation(model, out, run)
 
 
 def test_vcd_eval_loop_after_one_set_seed(model):
@@ -141,7 +158,7 @@ def test_vcd_eval_loop_after_one_set_seed(model):
     try:
         transformers.set_seed(loop["seed"])
         for question in loop["questions"]:
-            out = model.generate(**main_inputs(question), **loop["generate_kwargs"])
+            out = model.generate(**main_inputs(model, question), **loop["generate_kwargs"])
             torch.testing.assert_close(hallupatch.get_trace(model, "vcd").images_cd.float(), question["images_cd"],
                                        rtol=0, atol=1e-6)
             assert generated(out, question) == generated(question["sequences"], question)
@@ -159,9 +176,8 @@ def test_vcd_greedy_contrasts_where_the_published_do_sample_false_was_vanilla(mo
     """Published: ``do_sample=False`` goes to transformers' greedy search and silently drops the contrast (the
     recording shows the vanilla tokens); hallupatch contrasts, so its greedy tokens are the top_k=1 sampler's."""
     vanilla = RECORDED["vcd"]["meta"]["do_sample_false_is_vanilla"]
-    ids = pl.hf_ids(vanilla["input_ids"])
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=IMAGES[vanilla["image"]][None])
-    plain = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+    ids = ids_for(model, vanilla["input_ids"])
+    plain = model.generate(**main_inputs(model, vanilla), do_sample=False, max_new_tokens=8)
     assert plain[:, ids.shape[1]:].tolist() == vanilla["sequences"][:, ids.shape[1]:].tolist()
     (run,) = [r for r in RECORDED["vcd"]["runs"] if r["name"] == "greedy_topk1_a1_b0.1_s500"]
     assert torch.equal(run["input_ids"], vanilla["input_ids"]) and run["image"] == vanilla["image"]
@@ -191,14 +207,15 @@ def test_icd_equals_the_published_sampler(model, run):
     ids_cd = tokenizer(hallupatch.icd_prompt(run["prompt"], instruction=run["instruction"]),
                        return_tensors="pt").input_ids
     assert torch.equal(ids_cd, pl.hf_ids(run["input_ids_cd"]))
-    out, trace = generate_patched(model, "icd", icd_knobs(run), run, extra={"input_ids_cd": ids_cd})
-    assert_same_generation(out, run)
+    extra = {"input_ids_cd": ids_for(model, run["input_ids_cd"])}
+    out, trace = generate_patched(model, "icd", icd_knobs(run), run, extra=extra)
+    assert_same_generation(model, out, run)
     assert_same_branches(trace, run)
 
 
 @pytest.mark.parametrize("run", runs("icd", lambda r: r["generate_kwargs"].get("top_k") == 1))
 def test_icd_greedy_is_the_published_top_k_1(model, run):
-    out, _ = generate_patched(model, "icd", icd_knobs(run), run, extra={"input_ids_cd": pl.hf_ids(run["input_ids_cd"])},
+    out, _ = generate_patched(model, "icd", icd_knobs(run), run, extra={"input_ids_cd": ids_for(model, run["input_ids_cd"])},
                               do_sample=False, top_k=None)
     assert generated(out.sequences, run) == generated(run["sequences"], run)
 
@@ -209,12 +226,12 @@ def test_icd_published_per_call_knobs(model, run):
     hallupatch.apply(model, "icd", alpha=0.25, beta=0.5)
     try:
         transformers.set_seed(run["seed"])
-        out = model.generate(**main_inputs(run), input_ids_cd=pl.hf_ids(run["input_ids_cd"]),
+        out = model.generate(**main_inputs(model, run), input_ids_cd=ids_for(model, run["input_ids_cd"]),
                              cd_alpha=run["generate_kwargs"]["cd_alpha"], cd_beta=run["generate_kwargs"]["cd_beta"],
                              **generation_kwargs(run), **RETURN)
     finally:
         hallupatch.remove(model)
-    assert_same_generation(out, run)
+    assert_same_generation(model, out, run)
 
 
 # -------------------------------------------------------------------------------------------------------- M3ID
@@ -222,7 +239,7 @@ def test_icd_published_per_call_knobs(model, run):
 def test_m3id_equals_the_published_sampler(model, run):
     """AvisC's M3ID: text-only branch with its own cache, t = 1 at the first generated token, lambda 0.02."""
     out, trace = generate_patched(model, "m3id", {"beta": run["knobs"]["beta"]}, run)
-    assert_same_generation(out, run)
+    assert_same_generation(model, out, run)
     assert_same_branches(trace, run)
 
 
@@ -243,18 +260,19 @@ def test_pai_equals_the_published_code(model, run):
     processor after transformers' processors; the first token not amplified with both parts on; gamma = 1 a
     no-op (the recording of that run is the vanilla model's)."""
     out, trace = generate_patched(model, "pai", dict(run["knobs"]), run)
-    assert_same_generation(out, run)     # greedy: the scores are the processed ones; attention-only: raw logits
+    assert_same_generation(model, out, run)     # greedy: the scores are the processed ones; attention-only: raw logits
     if run["knobs"]["use_cfg"] and run["knobs"]["gamma"] != 1:
         assert_same_branches(trace, run, contrasted_key="processed")
 
 
 def test_pai_gamma_1_is_the_vanilla_model(model):
     (run,) = [r for r in RECORDED["pai"]["runs"] if r["knobs"]["gamma"] == 1]
-    plain = model.generate(**main_inputs(run), do_sample=False, max_new_tokens=8)
-    assert plain.tolist() == pl.hf_ids(run["sequences"]).tolist()
+    plain = model.generate(**main_inputs(model, run), do_sample=False, max_new_tokens=8)
+    assert plain.tolist() == ids_for(model, run["sequences"]).tolist()
 
 
-def test_pai_gives_the_eager_numbers_on_an_sdpa_model(tmp_path):
+@pytest.mark.parametrize("form", list(LOADERS))
+def test_pai_gives_the_eager_numbers_on_an_sdpa_model(tmp_path, form):
     """The published patch loses the causal mask at prefill when the model runs sdpa (its recording differs);
     hallupatch computes PAI with eager attention whatever the model's implementation, so an sdpa-loaded model
     gives the eager recording."""
@@ -262,6 +280,7 @@ def test_pai_gives_the_eager_numbers_on_an_sdpa_model(tmp_path):
     (eager_run,) = [r for r in RECORDED["pai"]["runs"]
                     if eager_pai(r) and r["knobs"] == sdpa_run["knobs"] and r["name"].startswith("greedy")]
     assert sdpa_run["sequences"].tolist() != eager_run["sequences"].tolist()
-    sdpa_model = pl.load_llava_hf(tmp_path, attn_implementation="sdpa")
+    sdpa_model = LOADERS[form](tmp_path, attn_implementation="sdpa")
+    assert sdpa_model.config._attn_implementation == "sdpa"
     out, _ = generate_patched(sdpa_model, "pai", dict(eager_run["knobs"]), eager_run)
-    assert_same_generation(out, eager_run)
+    assert_same_generation(sdpa_model, out, eager_run)

@@ -25,10 +25,16 @@ Venvs (python 3.11, CPU):
   /work/venvs/pai: torch==2.13.0, transformers==4.37.0 (PAI's pin), einops, safetensors, pillow.
   (The published environments use torch 2.0.1 / 2.3.1 on GPU in float16; here everything is float32 on CPU.)
 
-Source trees: ``git show``/``git archive`` of the snapshots into /work/venvs/src/{VCD,ICD,AvisC,PAI}.
+Making them (nothing here builds or fetches the published code; these are the commands that were used):
+  python3 -m venv /work/venvs/vcd && /work/venvs/vcd/bin/pip install torch==2.13.0 transformers==4.31.0 \
+      einops safetensors pillow
+  python3 -m venv /work/venvs/pai && /work/venvs/pai/bin/pip install torch==2.13.0 transformers==4.37.0 \
+      einops safetensors pillow
+  Source trees: the .py/.sh/.md/.yml files of each snapshot at the commit above, written out with ``git show``
+  into /work/venvs/src/{VCD,ICD,AvisC,PAI} (unedited; the scripts run from this file, not from the repos).
 
 How to run (from the repository root, OMP_NUM_THREADS=1):
-  /work/venvs/vcd/bin/python tests/published/record_baselines.py build
+  /work/venvs/vcd/bin/python tests/published/record_baselines.py build --src /work/venvs/src/VCD
   /work/venvs/vcd/bin/python tests/published/record_baselines.py vcd  --src /work/venvs/src/VCD
   /work/venvs/vcd/bin/python tests/published/record_baselines.py icd  --src /work/venvs/src/ICD
   /work/venvs/vcd/bin/python tests/published/record_baselines.py m3id --src /work/venvs/src/AvisC
@@ -37,17 +43,22 @@ How to run (from the repository root, OMP_NUM_THREADS=1):
 ``build`` writes the tiny weights (fixed seed) in the ORIGINAL LLaVA repository's form, which the published code
 loads: ``tests/data/published_baselines/llava/`` (``LlavaLlamaForCausalLM``: llama + ``model.mm_projector``,
 ``mm_vision_tower`` pointing at ``clip/``), ``clip/`` (a tiny ``CLIPVisionModel`` and its image processor) and a
-word-level tokenizer. The hallupatch test converts the same tensors to llava-hf's ``LlavaForConditionalGeneration``.
+word-level tokenizer, plus ``images.pt`` (the normalised pixel tensors). The hallupatch test loads the same
+tensors as llava-hf's ``LlavaForConditionalGeneration`` and in a stand-in of the original class
+(``tests/published_llava.py``).
 Each method then writes ``tests/data/published_baselines/<method>.pt``: a dict with ``meta`` (repository, commit,
 transformers version, call form) and ``runs`` (one dict per generate call: knobs as the published code names them,
 the generate arguments, the seed, the inputs, the generated ``sequences``, the ``scores`` the published sampler
 returns, and per step the main and second-branch raw last-position logits and the contrasted logits).
 
-Only published functions compute the recorded numbers. The script adds two things and says so in each record:
+Rerunning every command reproduces every committed file byte for byte (checked). Only published functions
+compute the recorded numbers. The script adds two things (each file's ``meta["instrumentation"]`` says so):
 a ``LogitsProcessor`` appended after the published processors that copies its input (the contrasted logits, or
 PAI's processor output), and a forward hook on ``lm_head`` that copies the last-position logits of each forward.
 VCD's/ICD's/AvisC's samplers return ``SampleDecoderOnlyOutput`` without importing it (a NameError with
 ``return_dict_in_generate=True``); the script defines that name in the sampler's module so the scores can be read.
+PAI's ``llava/model/multimodal_encoder/clip_encoder.py`` imports EVA-CLIP/InternViT modules needing timm,
+flash_attn, peft and torchvision; empty stand-ins are registered for them (the tiny model uses the CLIP path).
 """
 from __future__ import annotations
 
@@ -249,7 +260,10 @@ def tensors_only(d):
 def save(method, meta, runs):
     meta = dict(meta, repository=COMMITS[method][0], commit=COMMITS[method][1],
                 transformers=str(__import__("transformers").__version__), torch=str(torch.__version__), dtype="float32",
-                device="cpu", recorded_by="tests/published/record_baselines.py")
+                device="cpu", recorded_by="tests/published/record_baselines.py",
+                instrumentation="a LogitsProcessor appended after the published ones copies its input (contrasted / "
+                                "processed); a forward hook on lm_head copies each forward's last-position logits; "
+                                "SampleDecoderOnlyOutput defined in the sampler module (published NameError)")
     torch.save({"meta": meta, "runs": runs}, DATA / f"{method}.pt")
     print(f"{method}: {len(runs)} runs -> {DATA / (method + '.pt')}")
     for r in runs:
