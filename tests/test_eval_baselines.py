@@ -61,5 +61,6 @@ def test_scoped_knob_flags(tmp_path, backend, mme_folder):
     args = cli.parse_args(["mme", "--method", "vcd,pai", "--cd-alpha", "0.5", "--pai-alpha", "0.3"])
     variants = cli._variants(args, ["vcd", "pai"], None)
     assert variants["vcd"].knobs == {"alpha": 0.5} and variants["pai"].knobs == {"alpha": 0.3}
-    assert cli.main(["mme", "--method", "icd", "--icd-instruction", "9", "--data", str(mme_folder),
-                     "--output", str(tmp_path / "bad"), "--model", "unused"]) == 2
+    with pytest.raises(ValueError, match=r"instruction index must be in \[0, 4\]"):
+        cli.run(["mme", "--method", "icd", "--icd-instruction", "9", "--data", str(mme_folder),
+                 "--output", str(tmp_path / "bad"), *ARGS], backend=backend)
