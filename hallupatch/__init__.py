@@ -27,6 +27,10 @@ from hallupatch.early_exit import early_exit_logits  # noqa: E402
 from hallupatch.methods.memvr import MemVRConfig  # noqa: E402
 from hallupatch.methods.dola import DoLaConfig, get_layer_trace  # noqa: E402
 from hallupatch.methods.opera import OperaConfig  # noqa: E402
+from hallupatch.methods.vcd import VCDConfig, add_diffusion_noise  # noqa: E402
+from hallupatch.methods.icd import ICD_INSTRUCTIONS, ICDConfig, icd_prompt  # noqa: E402
+from hallupatch.methods.m3id import M3IDConfig  # noqa: E402
+from hallupatch.methods.pai import PAIConfig  # noqa: E402
 from hallupatch.candidates import Candidate, RankedSample, generate_candidates, mask_iou, rank_candidates  # noqa: E402
 from hallupatch.prior import estimate_layer_prior  # noqa: E402
 from hallupatch.spec import supported  # noqa: E402
@@ -37,5 +41,6 @@ __all__ = [
     "apply", "remove", "patched", "MemVRConfig", "early_exit_logits", "set_visual_memory", "get_trace",
     "DoLaConfig", "OperaConfig", "get_layer_trace", "generate_candidates", "rank_candidates", "mask_iou", "estimate_layer_prior",
     "Candidate", "RankedSample", "supported", "make_generate_compatible",
+    "VCDConfig", "ICDConfig", "M3IDConfig", "PAIConfig", "ICD_INSTRUCTIONS", "icd_prompt", "add_diffusion_noise",
 ]
 __version__ = "0.1.0"

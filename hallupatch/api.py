@@ -7,8 +7,9 @@ from typing import Any, Iterator, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from hallupatch.engine import (
-    PATCH_ATTRIBUTE, Patch, as_memory_list, checkpointing_modules, get_patch, refuse_gradient_checkpointing,
+from hallupatch.engine import (  # noqa: F401  (get_trace: public here)
+    PATCH_ATTRIBUTE, Patch, as_memory_list, checkpointing_modules, get_patch, get_trace, refuse_gradient_checkpointing,
+    require_patch,
 )
 from hallupatch.methods import Method, MethodConfig, parse_method
 from hallupatch.methods.memvr import memory_problem
@@ -154,7 +155,7 @@ def set_visual_memory(
     ``generate()`` repeats each sample's row (beams, ``num_return_sequences``, contrastive search's
     candidates), every copy uses its sample's tokens. Empty, all-zero or non-finite tokens are refused.
     """
-    patch = _require_patch(model, "set_visual_memory")
+    patch = require_patch(model, "set_visual_memory")
     memory = as_memory_list(tokens)
     hidden = patch.parts.final_norm.weight.shape[-1] if hasattr(patch.parts.final_norm, "weight") else None
     for i, t in enumerate(memory or []):
@@ -169,28 +170,3 @@ def set_visual_memory(
                 "needs finite tokens that are not all zero; give None for a sample without an image"
             )
     patch.explicit_memory = memory
-
-
-def get_trace(model: nn.Module, method: str = "memvr"):
-    """What ``method`` did in the latest forward / ``generate()`` of a patched model.
-
-    ``"memvr"``: a :class:`~hallupatch.methods.memvr.MemVRTrace`, per pass and sample where retracing
-    fired (``trace.trigger_layers()``, ``trace.passes[i].entropies``). ``"dola"``: a
-    :class:`~hallupatch.methods.dola.LayerContrastTrace`, the premature layer each sample used per step.
-    ``"opera"``: a :class:`~hallupatch.methods.opera.OperaTrace`, each sample's rollbacks
-    (``trace.rollbacks[sample]``, ``trace.positions(sample)``) and voted locations.
-    """
-    patch = _require_patch(model, "get_trace")
-    if method not in patch.methods:
-        raise ValueError(
-            f"get_trace(method={method!r}) needs a model patched with {method!r}: "
-            f"hallupatch.apply(model, method={method!r}); this model is patched with {'+'.join(patch.methods)!r}"
-        )
-    return patch.methods[method].trace
-
-
-def _require_patch(model: nn.Module, what: str) -> Patch:
-    patch = get_patch(model)
-    if patch is None:
-        raise ValueError(f"{what} needs a patched model: call hallupatch.apply(model, method=...) first")
-    return patch

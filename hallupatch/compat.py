@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
+from hallupatch.wrapping import method_wrapper
+
 #: inputs that generation adds for its own bookkeeping and that a model may compute itself when absent
 GENERATION_ONLY_INPUTS: Tuple[str, ...] = ("cache_position",)
 
@@ -68,8 +70,6 @@ def make_generate_compatible(model: nn.Module) -> nn.Module:
     that); this function is for unpatched models (e.g. an evaluation with no method) and its change
     stays on the instance. Returns the same model.
     """
-    from hallupatch.engine import method_wrapper
-
     drop = generation_inputs_to_drop(model)
     if drop is not None:
         setattr(model, PREPARE, method_wrapper(model, PREPARE, drop))

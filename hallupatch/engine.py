@@ -15,7 +15,6 @@ independent, patched model.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from hallupatch.compat import PREPARE, generation_inputs_to_drop
+from hallupatch.wrapping import MethodWrapper, method_wrapper  # noqa: F401  (MethodWrapper: re-exported)
 from hallupatch.spec import ModelParts, PassInfo, bind_call
 
 PATCH_ATTRIBUTE = "_hallupatch"
@@ -318,36 +318,32 @@ def user_stacklevel() -> int:
     return level
 
 
-class MethodWrapper(functools.partial):
-    """What :meth:`Patch.wrap_method` puts on an instance: ``_call_wrapped(obj, name, own, replacement, ...)``.
-    A partial, so copies and pickles of the model carry it; it shows the original method's signature,
-    found when asked (generation reads the signature of ``prepare_inputs_for_generation``)."""
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        obj, name, own, _ = self.args
-        return inspect.signature(_original(obj, name, own))
+def require_patch(model: nn.Module, what: str) -> Patch:
+    """The :class:`Patch` of a patched model; ``ValueError`` saying to apply a method first otherwise."""
+    patch = get_patch(model)
+    if patch is None:
+        raise ValueError(f"{what} needs a patched model: call hallupatch.apply(model, method=...) first")
+    return patch
 
 
-def method_wrapper(obj: Any, name: str, replacement: Callable) -> MethodWrapper:
-    """``obj.name`` as ``replacement(original, *args, **kwargs)``, the original found at call time."""
-    wrapper = MethodWrapper(_call_wrapped, obj, name, vars(obj).get(name), replacement)
-    wrapper.__doc__ = getattr(obj, name).__doc__
-    return wrapper
+def get_trace(model: nn.Module, method: str = "memvr"):
+    """What ``method`` did in the latest forward / ``generate()`` of a patched model.
 
-
-def _original(obj: Any, name: str, own: Optional[Callable]) -> Callable:
-    """The method a wrapper replaced: the instance's own attribute, else the class's bound to ``obj``
-    (staticmethods stay unbound)."""
-    if own is not None:
-        return own
-    owner = next(klass for klass in type(obj).__mro__ if name in vars(klass))
-    return vars(owner)[name].__get__(obj, type(obj))
-
-
-def _call_wrapped(obj: Any, name: str, own: Optional[Callable], replacement: Callable, *args, **kwargs):
-    """The body of :meth:`Patch.wrap_method`'s wrappers: ``replacement(original, *args, **kwargs)``."""
-    return replacement(_original(obj, name, own), *args, **kwargs)
+    ``"memvr"``: a :class:`~hallupatch.methods.memvr.MemVRTrace`, per pass and sample where retracing
+    fired (``trace.trigger_layers()``, ``trace.passes[i].entropies``). ``"dola"``: a
+    :class:`~hallupatch.methods.dola.LayerContrastTrace`, the premature layer each sample used per step.
+    ``"vcd"``, ``"icd"``, ``"m3id"``, ``"pai"``: a :class:`~hallupatch.methods.two_branch.ContrastTrace`,
+    the main and second-branch logits and the contrasted scores per step. ``"opera"``: a
+    :class:`~hallupatch.methods.opera.OperaTrace`, each sample's rollbacks (``trace.rollbacks[sample]``,
+    ``trace.positions(sample)``) and voted locations.
+    """
+    patch = require_patch(model, "get_trace")
+    if method not in patch.methods:
+        raise ValueError(
+            f"get_trace(method={method!r}) needs a model patched with {method!r}: "
+            f"hallupatch.apply(model, method={method!r}); this model is patched with {'+'.join(patch.methods)!r}"
+        )
+    return patch.methods[method].trace
 
 
 def get_patch(model: nn.Module) -> Optional[Patch]:

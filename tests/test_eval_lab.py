@@ -73,7 +73,7 @@ def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys
                       "--threshold", "0.2", "--no-progress"])
     printed = capsys.readouterr().out
     labels = ["none", "memvr", "memvr threshold 0", "memvr threshold 0.2 (dev)", "dola low", "dola high",
-              "dola low +norm", "dola high +norm", "memvr+dola", "opera", "opera fast"]
+              "dola low +norm", "dola high +norm", "memvr+dola", "vcd", "icd", "m3id", "pai", "opera", "opera fast"]
     for benchmark, test in (("pope", "McNemar"), ("chair", "bootstrap")):
         comparison = json.loads((out / benchmark / "comparison.json").read_text())
         assert list(comparison["methods"]) == labels and test in comparison["test"]
@@ -93,6 +93,8 @@ def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys
     profile = json.loads((out / "entropy_profile.json").read_text())
     assert list(profile) == ["1", "2", "3", "4"] and all(0 <= v["mean"] <= v["max"] <= 1 for v in profile.values())
     assert all("dola_layers" in a for a in read_answers(out / "pope" / "dola-low" / "answers.jsonl"))
+    pai = json.loads((out / "pope" / "pai" / "run.json").read_text())
+    assert pai["method"] == "pai" and pai["knobs"] == {"end_layer": 6}
     png = (out / "lab.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "memvr threshold 0" in printed and "McNemar" in printed

@@ -24,6 +24,17 @@ PUBLISHED = {
                                repetition_penalty=1.05,
                                layer_prior=[0.13899, 0.10750, 0.09652, 0.12360, 0.12347, 0.12838, 0.12860, 0.15291]), {}),
     "regcap-captions": ("regcap", dict(max_new_tokens=50), {}),
+    # VCD experiments/cd_scripts/llava1.5_pope.bash; ICD experiments/gen_scripts/icd_llava_pope.py; AvisC
+    # experiments/cd_scripts/mme_eval.sh + mme_llava.py; PAI README's pope_eval.py command
+    "vcd-pope-llava": ("pope", dict(method="vcd", cd_alpha=1.0, cd_beta=0.2, noise_step=500, do_sample=True,
+                                    temperature=1.0, top_p=1.0, top_k=0, seed=55, max_new_tokens=1024), {}),
+    "icd-pope-llava": ("pope", dict(method="icd", cd_alpha=1.0, cd_beta=0.1, icd_instruction=0, do_sample=True,
+                                    temperature=1.0, top_p=1.0, top_k=50, max_new_tokens=1024), {}),
+    "m3id-mme-llava": ("mme", dict(method="m3id", cd_beta=0.1, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                   seed=55,
+                                   max_new_tokens=64), {"question_style": "as_is"}),
+    "pai-pope-llava": ("pope", dict(method="pai", pai_alpha=0.2, pai_gamma=1.1, pai_start_layer=2, pai_end_layer=32,
+                                    max_new_tokens=512), {}),
     # OPERA pope_eval.py / chair_eval.py: --beam 5, scale 50, threshold 15, 5 candidates, penalty 1;
     # max_new_tokens 10 (POPE) and 512 (CHAIR); the README's fast setting: threshold 25, 1 candidate
     "opera": ("pope", dict(method="opera", num_beams=5, max_new_tokens=10), {}),
@@ -50,7 +61,8 @@ def test_each_preset_sets_the_published_values(name):
     for key, value in values.items():
         assert getattr(args, key) == value, (name, key)
     assert dict(PRESETS[name].recipe) == recipe and args.preset == name
-    assert not args.do_sample   # greedy or beam search, as every script (temperature 0 / do_sample False)
+    # greedy as the MemVR, region-caption and PAI scripts, beam search as OPERA's; VCD, ICD and AvisC only sample
+    assert args.do_sample == values.get("do_sample", False)
     assert args.num_beams == values.get("num_beams", 1)
 
 

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hallupatch.eval import embedded as builtin
 from hallupatch.eval import harness, lab, models
@@ -38,6 +38,33 @@ KNOBS = {  # CLI flag -> (config field, type, help)
     "--penalty-weights": ("penalty_weights", float, "OPERA: weight of the over-trust penalty (default 1.0)"),
     "--window-size": ("window_size", int, "OPERA: the fork's history length (default 512)"),
 }
+
+# knobs of the two-branch baselines, which share field names (alpha, beta) with other meanings: each flag acts
+# on the methods it names only. flag -> (methods, config field, type, help)
+SCOPED_KNOBS = {
+    "--cd-alpha": (("vcd", "icd"), "alpha", float, "VCD/ICD contrast strength (published cd_alpha; default 1)"),
+    "--cd-beta": (("vcd", "icd", "m3id"), "beta", float,
+                  "VCD/ICD/M3ID plausibility cutoff (published cd_beta; default 0.1; 0 = no mask)"),
+    "--noise-step": (("vcd",), "noise_step", int, "VCD diffusion step, 0-based in [0, 999] (default 500)"),
+    "--noise-seed": (("vcd",), "noise_seed", int, "VCD: seed of the image noise (default: torch's global generator)"),
+    "--icd-instruction": (("icd",), "instruction", lambda text: int(text) if text.isdigit() else text,
+                          "ICD disturbing instruction: an index 0-4 into the published five, or the text (default 0)"),
+    "--m3id-lambda": (("m3id",), "lambda_decay", float, "M3ID decay lambda of exp(-lambda t) (default 0.02)"),
+    "--pai-alpha": (("pai",), "alpha", float, "PAI attention amplification (default 0.2)"),
+    "--pai-gamma": (("pai",), "gamma", float, "PAI CFG strength (default 1.1; PAI's eval scripts default to 2)"),
+    "--pai-start-layer": (("pai",), "start_layer", int, "PAI: first amplified 0-based layer (default 2)"),
+    "--pai-end-layer": (("pai",), "end_layer", int, "PAI: amplified layers end here, excluded (default 32)"),
+    "--pai-use-attn": (("pai",), "use_attn", lambda text: _boolean(text), "PAI attention part on/off (default true)"),
+    "--pai-use-cfg": (("pai",), "use_cfg", lambda text: _boolean(text), "PAI CFG part on/off (default true)"),
+}
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
 
 
 def _layers_or_name(text: str):
@@ -99,10 +126,12 @@ def _shared_options() -> argparse.ArgumentParser:
                    "default: the built-in data, where the benchmark has one")
     g.add_argument("--preset", help="the settings of a published evaluation script (flags given here win); "
                    "--preset help lists them")
-    g.add_argument("--method", help="none, memvr, dola (layer contrast), memvr+dola, opera (beam search with "
-                   "OPERA's penalty and rollbacks), or several separated by commas (none,memvr,dola) to compare "
-                   "them on the same questions")
+    g.add_argument("--method", help="none, memvr, dola (layer contrast), memvr+dola, vcd, icd, m3id, pai, opera "
+                   "(beam search with OPERA's penalty and rollbacks), or several separated by commas "
+                   "(none,vcd,icd,memvr) to compare them on the same questions")
     for flag, (_, typ, text) in KNOBS.items():
+        g.add_argument(flag, type=typ, help=text)
+    for flag, (_, _, typ, text) in SCOPED_KNOBS.items():
         g.add_argument(flag, type=typ, help=text)
     g.add_argument("--output", help="results folder (default: ./hallupatch_output/<benchmark>-<model>-<method>)")
     g.add_argument("--batch-size", type=int, help="questions per generate() call, left-padded; answers equal those "
@@ -116,6 +145,8 @@ def _shared_options() -> argparse.ArgumentParser:
     d.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     d.add_argument("--temperature", type=float, help="with --do-sample (default: the checkpoint's generation config)")
     d.add_argument("--top-p", type=float, help="with --do-sample: nucleus sampling mass, in (0, 1]")
+    d.add_argument("--top-k", type=int, help="with --do-sample: top-k sampling, 0 = off (default: the checkpoint's "
+                   "generation config, transformers' 50)")
     d.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1; OPERA runs 5 unless "
                    "a width >= 2 is given)")
     d.add_argument("--repetition-penalty", type=float, help="transformers' repetition penalty (1.0 = none)")
@@ -232,6 +263,13 @@ def _given_knobs(args) -> Dict[str, Any]:
     return given
 
 
+def _given_scoped_knobs(args) -> Dict[str, Tuple[Tuple[str, ...], str, Any]]:
+    """``{flag: (methods it acts on, config field, value)}`` of the method-scoped knob flags given."""
+    given = {flag: (owners, field, getattr(args, flag[2:].replace("-", "_"), None))
+             for flag, (owners, field, _, _) in SCOPED_KNOBS.items()}
+    return {flag: spec for flag, spec in given.items() if spec[2] is not None}
+
+
 def _flag_origin(args, flag: str) -> str:
     """``flag``, and the preset that set it when the user did not give it."""
     return f"{flag} (set by --preset {args.preset})" if flag in getattr(args, "preset_flags", ()) else flag
@@ -245,6 +283,7 @@ def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedM
     from hallupatch.methods import METHODS, parse_method
 
     given = _given_knobs(args)
+    scoped = _given_scoped_knobs(args)
 
     def defaults(method: str) -> Dict[str, Any]:
         if embedded is None or method == "none":
@@ -255,28 +294,35 @@ def _variants(args, methods: Sequence[str], embedded: Optional[builtin.EmbeddedM
         return out
 
     if given_variants is not None:
-        if given:
-            raise ValueError(f"knob flags {sorted(given)} do not apply to the variants passed in: put them in the variants")
+        if given or scoped:
+            raise ValueError(f"knob flags {sorted([*given, *scoped])} do not apply to the variants passed in: "
+                             "put them in the variants")
         return {label: harness.Variant(v.method, {**defaults(v.method), **v.knobs}) for label, v in given_variants.items()}
     fields = {m: set() if m == "none" else {k for part in parse_method(m) for k in part.config_cls.knobs()}
               for m in methods}
+    running = {part for method in methods for part in method.split("+")}
     flag_of = {field: flag for flag, (field, _, _) in KNOBS.items()}
-    for knob in given:
-        if not any(knob in f for f in fields.values()):
-            takers = sorted(name for name, method in METHODS.items() if knob in method.config_cls.knobs())
-            flag = flag_of[knob]
-            raise ValueError(
-                f"{_flag_origin(args, flag)} is a knob of {' and '.join(takers)}, which --method "
-                f"{','.join(methods)} does not include: add {takers[0]} to --method (e.g. --method "
-                f"{','.join([*methods, takers[0]])}) or drop {flag}"
-            )
-    return {method: harness.Variant(method, {**defaults(method), **{k: v for k, v in given.items() if k in fields[method]}})
-            for method in methods}
+    takers = {flag_of[knob]: sorted(name for name, method in METHODS.items() if knob in method.config_cls.knobs())
+              for knob in given if not any(knob in f for f in fields.values())}
+    takers.update({flag: list(owners) for flag, (owners, _, _) in scoped.items() if not running & set(owners)})
+    if takers:
+        flag, owners = next(iter(takers.items()))
+        raise ValueError(
+            f"{_flag_origin(args, flag)} is a knob of {' and '.join(owners)}, which --method "
+            f"{','.join(methods)} does not include: add {owners[0]} to --method (e.g. --method "
+            f"{','.join([*methods, owners[0]])}) or drop {flag}"
+        )
+    variants = {}
+    for method in methods:
+        own = {field: value for owners, field, value in scoped.values() if method in owners}
+        variants[method] = harness.Variant(
+            method, {**defaults(method), **{k: v for k, v in given.items() if k in fields[method]}, **own})
+    return variants
 
 
 #: flags that only matter when a model answers: refused with --answers, which scores answers made elsewhere
-_MODEL_FLAGS = ("--model", "--recipe", "--method", *KNOBS, "--batch-size", "--max-new-tokens", "--device", "--dtype",
-                "--threads", "--do-sample", "--temperature", "--top-p", "--num-beams", "--repetition-penalty", "--seed", "--preset")
+_MODEL_FLAGS = ("--model", "--recipe", "--method", *KNOBS, *SCOPED_KNOBS, "--batch-size", "--max-new-tokens", "--device", "--dtype",
+                "--threads", "--do-sample", "--temperature", "--top-p", "--top-k", "--num-beams", "--repetition-penalty", "--seed", "--preset")
 
 
 def _refuse_model_flags(args) -> None:
@@ -316,7 +362,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
-    decoding = Decoding(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+    decoding = Decoding(do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         num_beams=args.num_beams, repetition_penalty=args.repetition_penalty, seed=args.seed)
     task: Task = get_task(args.benchmark)(args)
     if args.answers:

@@ -26,6 +26,9 @@ class Decoding:
     do_sample: bool = False
     temperature: Optional[float] = None
     top_p: Optional[float] = None
+    # top-k sampling: 0 turns it off (the published VCD and AvisC scripts pass top_k=None, which transformers
+    # reads as off); None leaves the checkpoint's generation config (transformers' default 50)
+    top_k: Optional[int] = None
     num_beams: int = 1
     repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
@@ -34,13 +37,15 @@ class Decoding:
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample must be True or False; got {self.do_sample!r}")
         if not self.do_sample:
-            given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p") if getattr(self, name) is not None]
+            given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p", "top_k") if getattr(self, name) is not None]
             if given:
                 raise ValueError(f"{' and '.join(given)} only apply when sampling: add --do-sample (or drop them)")
         if self.temperature is not None and not (_finite(self.temperature) and self.temperature > 0):
             raise ValueError(f"--temperature must be a number > 0; got {self.temperature!r}")
         if self.top_p is not None and not (_finite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"--top-p must lie in (0, 1]; got {self.top_p!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"--top-k must be an integer >= 0 (0 = no top-k); got {self.top_k!r}")
         if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise ValueError(f"--num-beams must be an integer >= 1; got {self.num_beams!r}")
         if self.repetition_penalty is not None and not (_finite(self.repetition_penalty) and self.repetition_penalty > 0):
@@ -52,7 +57,7 @@ class Decoding:
     def generate_kwargs(self) -> Dict[str, Any]:
         """The keyword arguments of ``model.generate`` (unset ones left to the checkpoint)."""
         kwargs: Dict[str, Any] = {"do_sample": self.do_sample, "num_beams": self.num_beams}
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         return kwargs
@@ -65,7 +70,10 @@ class Decoding:
 
     def settings(self) -> Dict[str, Any]:
         """What ``run.json`` records (keys sorted, as ``run.json`` stores them, so a stored copy is equal)."""
-        return dict(sorted(dataclasses.asdict(self).items()))
+        settings = dataclasses.asdict(self)
+        if settings["top_k"] is None:   # runs recorded before --top-k existed stay resumable
+            del settings["top_k"]
+        return dict(sorted(settings.items()))
 
     def seed_everything(self) -> None:
         """Seed Python, NumPy and torch with ``seed`` (nothing without one)."""

@@ -48,6 +48,10 @@ def variants(dev_threshold: float) -> Dict[str, Variant]:
         "dola low +norm": Variant("dola", {"candidate_layers": "low", "early_exit_norm": True}),
         "dola high +norm": Variant("dola", {"candidate_layers": "high", "early_exit_norm": True}),
         "memvr+dola": Variant("memvr+dola", {**window, "entropy_threshold": dev_threshold, "candidate_layers": "low"}),
+        "vcd": Variant("vcd", {"noise_seed": 0}),   # published alpha 1, beta 0.1, step 500; noise fixed per run
+        "icd": Variant("icd"),
+        "m3id": Variant("m3id"),
+        "pai": Variant("pai", dict(LAB.method_knobs["pai"])),   # end_layer = the lab's depth; published alpha, gamma
         "opera": Variant("opera"),                                          # published knobs, 5 beams
         "opera fast": Variant("opera", dict(OPERA_FAST)),                   # threshold 25, 1 candidate
     }

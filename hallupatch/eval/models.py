@@ -11,6 +11,7 @@ backends only turn a recipe into model inputs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from hallupatch.methods.two_branch import branch_call_inputs
 
 from hallupatch.eval.data import Question
 from hallupatch.eval.decoding import GREEDY, Decoding
@@ -327,9 +330,12 @@ class LlavaHFBackend(Backend):
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         tokenizer = self.processor.tokenizer
+        encode = functools.partial(tokenizer, return_tensors="pt", padding=True)   # left-padded, as the prompts
+        branch = {k: v.to(self.device) for k, v in branch_call_inputs(self.model, texts, encode).items()}
         with torch.inference_mode():
             output = self.model.generate(
                 **inputs,
+                **branch,
                 **self.decoding.generate_kwargs(),
                 max_new_tokens=max_new_tokens or self.recipe.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
@@ -360,15 +366,24 @@ class OriginalLlavaBackend(Backend):
             prompt = self.recipe.template.format(question=self.prompt(q))
             ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
             pixels = process_images([image], self.image_processor, self.model.config).to(self.device, self.model.dtype)
+            encode = functools.partial(_image_token_ids, self.tokenizer, tokenizer_image_token, IMAGE_TOKEN_INDEX)
+            branch = {k: v.to(self.device) for k, v in branch_call_inputs(self.model, [prompt], encode).items()}
             with torch.inference_mode():
                 output = self.model.generate(
-                    ids.to(self.device), images=pixels, image_sizes=[image.size], **self.decoding.generate_kwargs(),
+                    ids.to(self.device), images=pixels, image_sizes=[image.size], **branch,
+                    **self.decoding.generate_kwargs(),
                     max_new_tokens=max_new_tokens or self.recipe.max_new_tokens, use_cache=True,
                 )
             # the original generate returns only the new tokens
             (text, n), = self._decode(self.tokenizer, output, 0, _eos_ids(self.model, self.tokenizer))
             answers.append({"text": text, "new_tokens": n})
         return answers
+
+
+def _image_token_ids(tokenizer, tokenize, image_token: int, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The original LLaVA's tokenization of one prompt (its image placeholder as ``image_token``)."""
+    (text,) = texts
+    return {"input_ids": tokenize(text, tokenizer, image_token, return_tensors="pt")[None]}
 
 
 class QwenVLBackend(Backend):

@@ -71,6 +71,36 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in [
            "layer contrast over layers 0-7 with the paper's prior, max_new_tokens 10, repetition penalty 1.05, "
            "greedy", ("--method", "dola", "--candidate-layers", "0,1,2,3,4,5,6,7", "--layer-prior",
                       REGION_CAPTION_PRIOR, "--max-new-tokens", "10", "--repetition-penalty", "1.05")),
+    Preset("vcd-pope-llava", "pope", "VCD experiments/cd_scripts/llava1.5_pope.bash (eval/object_hallucination_vqa_llava.py)",
+           "LLaVA-1.5, VCD alpha 1, beta 0.2 (the bash script's; the Python script's default is 0.1), noise step 500, "
+           "sampling at temperature 1, top-p 1, no top-k (the script passes top_k=None), seed 55, max_new_tokens 1024. "
+           "The script asks the question with "
+           "' Please answer this question with one word.'; the recipe's prompt is used here",
+           ("--method", "vcd", "--cd-alpha", "1", "--cd-beta", "0.2", "--noise-step", "500", "--do-sample",
+            "--temperature", "1", "--top-p", "1", "--top-k", "0", "--seed", "55", "--max-new-tokens", "1024")),
+    Preset("icd-pope-llava", "pope", "ICD experiments/gen_scripts/icd_llava_pope.py",
+           "LLaVA-1.5, ICD alpha 1, beta 0.1, the first of the five disturbing instructions (the script loops over "
+           "all five: --icd-instruction 0..4), sampling at temperature 1, top-p 1, top-k 50 (generation_config's: the "
+           "script passes none), max_new_tokens 1024. The published "
+           "LLaVA script dies on an ImportError (it imports a name icd_sample_llava does not define); this preset "
+           "runs what it means to run", ("--method", "icd", "--cd-alpha", "1", "--cd-beta", "0.1", "--icd-instruction",
+                                         "0", "--do-sample", "--temperature", "1", "--top-p", "1",
+                                         "--top-k", "50", "--max-new-tokens", "1024")),
+    Preset("m3id-mme-llava", "mme", "AvisC experiments/cd_scripts/mme_eval.sh with model=llava, use_m3id=True "
+           "(experiments/eval/mme_llava.py, avisc_utils/avisc_sample.py)",
+           "LLaVA-1.5, M3ID beta 0.1, lambda 0.02 (hard-coded there), sampling at temperature 1, top-p 1, no top-k "
+           "(top_k=None passed), seed 55, max_new_tokens 64, the question as asked (mme_llava.py adds no suffix; it "
+           "keeps the question's first line and maps answers to Yes/No with its recorder(), which hallupatch's MME "
+           "parsing does not). No AvisC POPE script runs M3ID",
+           ("--method", "m3id", "--cd-beta", "0.1", "--do-sample", "--temperature", "1", "--top-p", "1", "--top-k",
+            "0", "--seed", "55", "--max-new-tokens", "64"), {"question_style": "as_is"}),
+    Preset("pai-pope-llava", "pope", "PAI README: pope_eval.py --use-attn --alpha 0.2 --use-cfg --gamma 1.1 "
+           "--start-layer 2 --end-layer 32", "LLaVA-1.5, PAI alpha 0.2, gamma 1.1 (the README's command; "
+           "pope_eval.py's own --gamma default is 2, and a bare pope_eval.py run has both parts off), layers 2..31, greedy "
+           "(no --sample), max_new_tokens 512. PAI's prompt is the vicuna_v1 system text with no space before "
+           "'USER:'; the recipe's prompt is used here",
+           ("--method", "pai", "--pai-alpha", "0.2", "--pai-gamma", "1.1", "--pai-start-layer", "2",
+            "--pai-end-layer", "32", "--max-new-tokens", "512")),
     Preset("regcap-captions", "regcap", "unleash-eliminate region captions (eval/run/run_layers.sh, cyc.sh)",
            "region captions of 50 new tokens, greedy", ("--max-new-tokens", "50")),
 ]}

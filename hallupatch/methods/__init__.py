@@ -59,6 +59,8 @@ class Method:
     name: str
     config_cls: type
     install: Callable
+    combinable: bool = True   # may be joined with other methods by "+" (one that owns a second branch or the
+                              # beam search may not)
 
 
 def register_method(method: Method) -> Method:
@@ -78,8 +80,15 @@ def parse_method(method: str) -> List[Method]:
         raise ValueError(
             f"unknown method {method!r}{hint}: use one of {sorted(METHODS)} or several joined with '+' (e.g. 'memvr+dola')"
         )
-    return [METHODS[name] for name in names]
+    chosen = [METHODS[name] for name in names]
+    alone = [m.name for m in chosen if not m.combinable]
+    if alone and len(chosen) > 1:
+        raise ValueError(
+            f"method {alone[0]!r} owns a second branch of the model or the beam search and does not combine "
+            f"with other methods; apply it alone (method={alone[0]!r})"
+        )
+    return chosen
 
 
 def _load_builtin_methods() -> None:
-    from hallupatch.methods import dola, memvr, opera  # noqa: F401
+    from hallupatch.methods import dola, icd, m3id, memvr, opera, pai, vcd  # noqa: F401

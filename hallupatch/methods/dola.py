@@ -28,7 +28,7 @@ import torch
 from transformers import LogitsProcessor
 
 from hallupatch.early_exit import head_logits
-from hallupatch.engine import Patch, user_stacklevel
+from hallupatch.engine import Patch, get_trace, user_stacklevel
 from hallupatch.layer_contrast import CandidateSpec, candidate_layers, check_candidate_spec, select_and_contrast
 from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.prior import layer_weights, load_layer_prior
@@ -341,8 +341,6 @@ def install(patch: Patch, config: DoLaConfig) -> LayerContrast:
 
 def get_layer_trace(model) -> LayerContrastTrace:
     """The premature layers chosen during the latest ``generate()``: ``hallupatch.get_trace(model, "dola")``."""
-    from hallupatch.api import get_trace
-
     return get_trace(model, method="dola")
 
 

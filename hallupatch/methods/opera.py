@@ -300,9 +300,6 @@ class Opera:
     def _check_generation_config(self, generation_config) -> None:
         from transformers.generation.configuration_utils import GenerationMode
 
-        others = [name for name in self.patch.methods if name != "opera"]
-        if others:
-            raise ValueError(f"OPERA owns the beam search and does not combine with {others}; apply 'opera' alone")
         mode = generation_config.get_generation_mode()
         if mode != GenerationMode.BEAM_SEARCH:
             raise ValueError(
@@ -815,4 +812,4 @@ def install(patch: Patch, config: OperaConfig) -> Opera:
     return Opera(patch, config)
 
 
-register_method(Method(name="opera", config_cls=OperaConfig, install=install))
+register_method(Method(name="opera", config_cls=OperaConfig, install=install, combinable=False))

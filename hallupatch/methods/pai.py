@@ -1,0 +1,189 @@
+"""PAI, paying more attention to the image (LALBJ/PAI ``attention.py`` and ``CFG.py``; DESIGN §4e).
+
+Two parts, each switchable as published:
+
+- ``use_attn``: in decoder layers ``range(start_layer, end_layer)``, all heads, the last query row's
+  pre-softmax scores over the image positions (after the mask) become ``w + alpha |w|``. The scores are
+  computed by hallupatch's own eager attention in those layers, whatever ``attn_implementation`` the model
+  uses (the published patch runs the eager formula even on an sdpa model, where transformers passes no
+  causal mask at prefill; here the causal mask is always applied, so results are the published eager ones).
+- ``use_cfg``: a logits processor after transformers' own processors (before the warpers):
+  ``gamma (lp - lpu) + lpu`` on log-softmax, ``-inf`` where ``lp < log 0.1 + max lp``, with ``lpu`` from the
+  prompt without its image (own cache, never amplified).
+
+Published behaviour kept: with both parts on, the first generated token is not amplified (the layers start
+in the branch state and only the processor's first call leaves it); ``gamma == 1`` returns
+``log_softmax(scores)`` and amplifies nothing. The amplification acts inside ``generate()`` only.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from hallupatch.engine import Patch
+from hallupatch.methods import Method, MethodConfig, register_method
+from hallupatch.methods.two_branch import (
+    BranchPrompt, GenerateCall, TwoBranch, check_alpha, check_llama_family, image_free_prompt,
+)
+from hallupatch.spec import PassInfo
+
+CFG_CUTOFF = 0.1   # hard-coded in the published CFG processor
+
+
+@dataclass
+class PAIConfig(MethodConfig):
+    """PAI's knobs (the published argument names).
+
+    Args:
+        alpha: attention amplification ``w + alpha |w|`` on the image columns (0.2).
+        gamma: CFG strength ``gamma (lp - lpu) + lpu`` (1.1, the README's value; the eval scripts' command-line
+            default is 2). ``gamma == 1`` turns PAI off entirely, as published.
+        start_layer, end_layer: amplified decoder layers ``range(start_layer, end_layer)`` (0-based, end
+            excluded; 2 and 32 as for LLaVA-1.5-7B; ``end_layer`` must not exceed the model's layer count).
+        use_attn: amplify the attention. use_cfg: contrast with the image-free prompt.
+    """
+
+    method_name: ClassVar[str] = "pai"
+    alpha: float = 0.2
+    gamma: float = 1.1
+    start_layer: int = 2
+    end_layer: int = 32
+    use_attn: bool = True
+    use_cfg: bool = True
+
+    def validate(self) -> None:
+        self.alpha = check_alpha(self.alpha)
+        self.gamma = check_alpha(self.gamma, "gamma")
+        for name in ("start_layer", "end_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (a 0-based decoder layer); got {value!r}")
+        if self.start_layer >= self.end_layer:
+            raise ValueError(f"start_layer must be < end_layer (layers range(start_layer, end_layer)); got {self.start_layer}, {self.end_layer}")
+        for name in ("use_attn", "use_cfg"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if not (self.use_attn or self.use_cfg):
+            raise ValueError("use_attn and use_cfg are both False: PAI would do nothing; turn one on (or remove the method)")
+
+    def check_value(self, knob: str, value) -> None:
+        raise ValueError(f"method 'pai' takes no per-call {knob}")
+
+    def validate_for(self, parts) -> None:
+        check_llama_family(parts, "pai", "llava-hf LlavaForConditionalGeneration and the original LLaVA class")
+        if self.end_layer > parts.num_layers:
+            raise ValueError(
+                f"end_layer={self.end_layer} exceeds the model's {parts.num_layers} decoder layers; "
+                f"set end_layer <= {parts.num_layers} (PAI amplifies layers range(start_layer, end_layer))"
+            )
+
+
+class PayAttention(TwoBranch):
+    placement = "after_processors"
+
+    def __init__(self, patch: Patch, config: PAIConfig):
+        super().__init__(patch, config)
+        self.amplify = False
+        self.image_columns: Optional[tuple] = None   # (start, count) per row of the main branch, long tensors
+        patch.on_pass_start(self._start_pass)
+        if config.use_attn:
+            for index in range(config.start_layer, config.end_layer):
+                attention = self.parts.layers[index].self_attn
+                patch.wrap_method(attention, "forward", functools.partial(self._attention, attention))
+
+    def start(self, call: GenerateCall) -> None:
+        self.amplify = self.config.use_attn and not self.config.use_cfg
+        self.image_columns = None
+
+    def adds_processor(self) -> bool:
+        return self.config.use_cfg
+
+    def uses_branch(self) -> bool:
+        return self.config.gamma != 1
+
+    def branch_prompt(self, call: GenerateCall) -> BranchPrompt:
+        return image_free_prompt(self, call)
+
+    def combine(self, main: torch.Tensor, branch: Optional[torch.Tensor], step: int) -> torch.Tensor:
+        scores = torch.log_softmax(main, dim=-1)
+        if branch is None:   # gamma == 1: the published processor returns here, the layers stay unamplified
+            return scores
+        self.amplify = self.config.use_attn
+        unconditioned = torch.log_softmax(branch, dim=-1)
+        cutoff = torch.log(torch.tensor(CFG_CUTOFF)).to(scores.device) + scores.max(dim=-1, keepdim=True).values
+        out = self.config.gamma * (scores - unconditioned) + unconditioned
+        return out.masked_fill(scores < cutoff, -float("inf"))
+
+    # -- the amplified attention --------------------------------------------------------------------
+    def _start_pass(self, info: PassInfo) -> None:
+        if self.call is None or self.in_branch or not info.is_prefill:
+            return
+        token = self.parts.spec.image_token_id(self.patch.model)
+        ids = self.call.input_ids.repeat_interleave(self.patch.call.row_repeat, dim=0)
+        memory = self.patch.generation.visual_memory or [None] * ids.shape[0]
+        starts, counts = [], []
+        for row, tokens in zip(ids, memory):
+            where = (row == token).nonzero().flatten() if token is not None else row[:0]
+            if len(where) > 1:
+                raise ValueError("method 'pai' amplifies one image per sample (as published); this prompt has several")
+            starts.append(int(where[0]) if len(where) and tokens is not None else 0)
+            counts.append(int(tokens.shape[0]) if len(where) and tokens is not None else 0)
+        self.image_columns = (torch.tensor(starts), torch.tensor(counts))
+
+    def _attention(self, attention, original, hidden_states, attention_mask=None, position_ids=None,
+                   past_key_value=None, output_attentions=False, use_cache=False, cache_position=None, **kwargs):
+        if not (self.amplify and self.call is not None and not self.in_branch and self.image_columns is not None):
+            return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_value=past_key_value, output_attentions=output_attentions, use_cache=use_cache,
+                            cache_position=cache_position, **kwargs)
+        return amplified_attention(attention, hidden_states, attention_mask, position_ids, past_key_value,
+                                   output_attentions, cache_position, self.image_columns, self.config.alpha)
+
+
+def amplified_attention(attention, hidden_states, attention_mask, position_ids, past_key_value, output_attentions,
+                        cache_position, image_columns, alpha):
+    """Eager llama attention (transformers 4.40's formula) with the last query row's scores over each row's
+    image columns ``[start, start + count)`` replaced by ``w + alpha |w|`` after the mask (PAI)."""
+    batch, q_len, _ = hidden_states.shape
+    head_dim = attention.head_dim
+    query = attention.q_proj(hidden_states).view(batch, q_len, attention.num_heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden_states).view(batch, q_len, attention.num_key_value_heads, head_dim).transpose(1, 2)
+    value = attention.v_proj(hidden_states).view(batch, q_len, attention.num_key_value_heads, head_dim).transpose(1, 2)
+    past_key_value = getattr(attention, "past_key_value", past_key_value)
+    cos, sin = attention.rotary_emb(value, position_ids)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if past_key_value is not None:
+        key, value = past_key_value.update(key, value, attention.layer_idx,
+                                           {"sin": sin, "cos": cos, "cache_position": cache_position})
+    key = repeat_kv(key, attention.num_key_value_groups)
+    value = repeat_kv(value, attention.num_key_value_groups)
+    keys = key.shape[-2]
+    scores = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(head_dim)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, :keys]
+    elif q_len > 1:   # sdpa models get no mask when none is needed; the eager formula needs the causal one
+        rows = torch.arange(keys - q_len, keys, device=scores.device)[:, None]
+        future = torch.arange(keys, device=scores.device)[None, :] > rows
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    scores = torch.max(scores, torch.tensor(torch.finfo(scores.dtype).min, device=scores.device))   # as published
+    start, count = (t.to(scores.device) for t in image_columns)
+    column = torch.arange(keys, device=scores.device)[None, :]
+    on_image = (column >= start[:, None]) & (column < (start + count)[:, None])   # (batch, keys)
+    last = scores[:, :, -1, :]
+    scores[:, :, -1, :] = torch.where(on_image[:, None, :], last + alpha * last.abs(), last)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, value).transpose(1, 2).reshape(batch, q_len, -1)
+    output = attention.o_proj(output)
+    return output, (weights if output_attentions else None), past_key_value
+
+
+def install(patch: Patch, config: PAIConfig) -> PayAttention:
+    return PayAttention(patch, config)
+
+
+register_method(Method(name="pai", config_cls=PAIConfig, install=install, combinable=False))
