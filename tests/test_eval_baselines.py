@@ -64,3 +64,17 @@ def test_scoped_knob_flags(tmp_path, backend, mme_folder):
     with pytest.raises(ValueError, match=r"instruction index must be in \[0, 4\]"):
         cli.run(["mme", "--method", "icd", "--icd-instruction", "9", "--data", str(mme_folder),
                  "--output", str(tmp_path / "bad"), *ARGS], backend=backend)
+
+
+def test_vcd_noise_from_the_global_generator_is_seeded_per_question(tmp_path, backend, mme_folder):
+    """Without --noise-seed VCD draws its noise from the global generator at every generate() call: with
+    --seed each question is answered on its own seed, so the batch size changes no answer."""
+    from hallupatch.eval import harness
+
+    assert harness.draws_random_numbers(harness.Variant("vcd", {}))
+    assert not harness.draws_random_numbers(harness.Variant("vcd", {"noise_seed": 1}))
+    assert not harness.draws_random_numbers(harness.Variant("icd", {}))
+    common = ["mme", "--data", str(mme_folder), "--method", "vcd", "--cd-beta", "0", "--seed", "7", *ARGS]
+    cli.run(common + ["--output", str(tmp_path / "b1"), "--batch-size", "1"], backend=backend)
+    cli.run(common + ["--output", str(tmp_path / "b4"), "--batch-size", "4"], backend=backend)
+    assert _answers(tmp_path / "b1") == _answers(tmp_path / "b4")

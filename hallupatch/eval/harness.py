@@ -445,13 +445,21 @@ def run_settings(run: Run, variant: Variant) -> Dict[str, Any]:
 
 
 def seeds_per_question(decoding: Decoding, variant: Variant) -> Optional[int]:
-    """The run seed when its answers draw random numbers (sampling, or a layer prior drawn from the global
-    generator), so each question is seeded on its own (the same seed gives the same answers at any batch
+    """The run seed when its answers draw random numbers (sampling, or a method drawing from the global
+    generator: :func:`draws_random_numbers`), so each question is seeded on its own (the same seed gives the same answers at any batch
     size, shard or resume); ``None`` otherwise (answers are deterministic and batched)."""
     if decoding.seed is None:
         return None
-    draws_layers = variant.knobs.get("layer_prior") is not None and variant.knobs.get("seed") is None
-    return decoding.seed if decoding.do_sample or draws_layers else None
+    return decoding.seed if decoding.do_sample or draws_random_numbers(variant) else None
+
+
+def draws_random_numbers(variant: Variant) -> bool:
+    """Whether one of the variant's methods draws from the global generator with its knobs (a layer prior
+    without a seed, VCD's noise without ``noise_seed``): its method configs say."""
+    from hallupatch.methods import parse_method
+
+    return variant.method != "none" and any(m.config_cls.draws_random_numbers(variant.knobs)
+                                            for m in parse_method(variant.method))
 
 
 def evaluate(task: Task, run: Run) -> tuple:

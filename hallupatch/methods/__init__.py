@@ -33,6 +33,12 @@ class MethodConfig:
         """Check the fields against a model's :class:`~hallupatch.spec.ModelParts`."""
 
     @classmethod
+    def draws_random_numbers(cls, knobs: Mapping[str, Any]) -> bool:
+        """Whether the method, with these knobs, draws from torch's global generator while it generates
+        (so that a harness seeds each question on its own to make answers independent of the batch)."""
+        return False
+
+    @classmethod
     def knobs(cls) -> List[str]:
         """The field names, in declaration order."""
         return [f.name for f in dataclasses.fields(cls)]

@@ -22,7 +22,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 from transformers import LogitsProcessor
@@ -85,6 +85,11 @@ class DoLaConfig(MethodConfig):
     layer_prior: PriorSpec = None
     early_exit_norm: bool = False
     seed: Optional[int] = None
+
+    @classmethod
+    def draws_random_numbers(cls, knobs: Mapping[str, Any]) -> bool:
+        """A layer prior without ``seed`` draws each step's layer from the global generator."""
+        return knobs.get("layer_prior") is not None and knobs.get("seed") is None
 
     def validate(self) -> None:
         self.candidate_layers = check_candidate_spec(self.candidate_layers)

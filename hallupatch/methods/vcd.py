@@ -8,7 +8,7 @@ which the published sampler-only code does not).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 
@@ -62,6 +62,11 @@ class VCDConfig(MethodConfig):
     beta: float = 0.1
     noise_step: int = 500
     noise_seed: Optional[int] = None
+
+    @classmethod
+    def draws_random_numbers(cls, knobs: Mapping[str, Any]) -> bool:
+        """Without ``noise_seed`` the distorted image is drawn from the global generator at each call."""
+        return knobs.get("noise_seed") is None
 
     def validate(self) -> None:
         self.alpha = check_alpha(self.alpha)
