@@ -70,7 +70,7 @@ def test_the_lab_suite_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
 def test_the_lab_suite_compares_every_method_and_draws_the_plot(tmp_path, capsys, lab_checkpoint):
     out = tmp_path / "lab"
     result = cli.run(["lab", "--model", str(lab_checkpoint), "--output", str(out), "--limit", "6",
-                      "--threshold", "0.2", "--no-progress"])
+                      "--threshold", "0.2", "--no-progress", "--full"])
     printed = capsys.readouterr().out
     labels = ["none", "memvr", "memvr threshold 0", "memvr threshold 0.2 (dev)", "dola low", "dola high",
               "dola low +norm", "dola high +norm", "memvr+dola", "vcd", "icd", "m3id", "pai", "opera", "opera fast"]
