@@ -199,6 +199,17 @@ def test_vcd_noise_seed_is_refused_for_patch_inputs(loaded):
         hallupatch.remove(model)
 
 
+def test_vcd_with_several_return_sequences_is_refused(loaded):
+    model, processor = loaded
+    _, inputs = encode(processor, [ROWS["one_image"]])
+    hallupatch.apply(model, "vcd")
+    try:
+        with pytest.raises(ValueError, match="num_return_sequences=1"):
+            model.generate(**inputs, max_new_tokens=1, do_sample=True, num_return_sequences=2)
+    finally:
+        hallupatch.remove(model)
+
+
 def test_videos_are_refused(loaded):
     model, processor = loaded
     _, inputs = encode(processor, [ROWS["one_image"]])
