@@ -229,3 +229,16 @@ def test_pai_and_opera_are_refused_saying_why(loaded, method, why):
         hallupatch.apply(model, method)
     from hallupatch.engine import get_patch
     assert get_patch(model) is None or method not in get_patch(model).methods
+
+
+def test_pope_runs_the_baselines_with_the_qwen2_vl_recipe(tmp_path):
+    """The eval harness builds each method's branch for Qwen2-VL (ICD's disturbed prompt through the processor)."""
+    from hallupatch.eval import cli
+    from hallupatch.eval.store import read_answers
+
+    path = installed_checkpoint(tmp_path / "q", "qwen2_vl")
+    out = tmp_path / "pope"
+    cli.run(["pope", "--model", str(path), "--limit", "2", "--batch-size", "2", "--max-new-tokens", "2",
+             "--device", "cpu", "--output", str(out), "--no-progress", "--method", "vcd,icd,m3id"])
+    for method in ("vcd", "icd", "m3id"):
+        assert len(read_answers(out / method / "answers.jsonl")) == 2
