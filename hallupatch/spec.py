@@ -90,6 +90,11 @@ def no_image_token(model: nn.Module) -> Optional[int]:
     return None
 
 
+def no_image_wrappers(model: nn.Module) -> Tuple[int, ...]:
+    """The default ``FamilySpec.image_wrapper_token_ids``: nothing wraps the image token."""
+    return ()
+
+
 def visual_output_as_is(output: Any) -> torch.Tensor:
     """The default ``FamilySpec.visual_output``: the visual module returns ``(num_images, tokens, hidden)``."""
     return output
@@ -137,6 +142,9 @@ class FamilySpec:
     # token id that marks one image in input_ids (one occurrence per image), read from the model. Callables
     # here are module-level functions, never lambdas, so that a patched model can be pickled.
     image_token_id: Callable[[nn.Module], Optional[int]] = no_image_token
+    # tokens that only wrap an image in input_ids (Qwen2-VL's <|vision_start|> / <|vision_end|>): a prompt
+    # "without its image" (M3ID's branch) drops them with the image tokens
+    image_wrapper_token_ids: Callable[[nn.Module], Tuple[int, ...]] = no_image_wrappers
     # how many times image_token_id occurs in input_ids per image (Idefics2 writes one per visual token)
     tokens_per_image: Callable[[nn.Module], int] = one_token_per_image
     # turns the visual module's output into a (num_images, tokens, hidden) tensor

@@ -16,6 +16,11 @@ def image_pad_token_id(model) -> int:
     return model.config.image_token_id
 
 
+def vision_wrapper_token_ids(model) -> tuple:
+    """``<|vision_start|>`` and ``<|vision_end|>``, around each image's pads (read from the model's config)."""
+    return (model.config.vision_start_token_id, model.config.vision_end_token_id)
+
+
 def tokens_as_images(output):
     """The flat ``(tokens, hidden)`` output as ``(tokens, 1, hidden)``: each visual token is one unit matched to
     one image-pad token, so rows take their tokens by their image-pad counts."""
@@ -39,6 +44,7 @@ QWEN2_VL = register_family(
         layer_ffn_out="mlp.down_proj.weight",
         adapter_activation="identity",          # no published MemVR code for Qwen2-VL: llama's choice
         image_token_id=image_pad_token_id,
+        image_wrapper_token_ids=vision_wrapper_token_ids,
         visual_output=tokens_as_images,
     )
 )

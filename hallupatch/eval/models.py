@@ -469,15 +469,21 @@ class Qwen2VLBackend(Backend):
 
     def generate(self, questions, max_new_tokens):
         texts = [self.chat(self.prompt(q)) for q in questions]
-        inputs = self.processor(text=texts, images=[q.load_image() for q in questions], return_tensors="pt",
-                                padding=True).to(self.device)
+        images = [q.load_image() for q in questions]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         kwargs = dict(self.recipe.generate_defaults)
         kwargs.update(self.decoding.generate_kwargs())
         tokenizer = self.processor.tokenizer
+        # a two-branch method's prompts (ICD's) through the processor with the same images: it expands each
+        # <|image_pad|> to the image's token count, which the tokenizer alone would not
+        def encode(prompts):
+            return self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+
+        branch = {k: v.to(self.device) for k, v in branch_call_inputs(self.model, texts, encode).items()}
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **kwargs, max_new_tokens=max_new_tokens or self.recipe.max_new_tokens,
-                                         pad_token_id=tokenizer.pad_token_id)
+            output = self.model.generate(**inputs, **kwargs, **branch, pad_token_id=tokenizer.pad_token_id,
+                                         max_new_tokens=max_new_tokens or self.recipe.max_new_tokens)
         decoded = self._decode(tokenizer, output, inputs["input_ids"].shape[1], _eos_ids(self.model, tokenizer))
         return [{"text": t, "new_tokens": n} for t, n in decoded]
 

@@ -16,7 +16,7 @@ import torch
 from hallupatch.engine import Patch
 from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.methods.two_branch import (
-    BranchPrompt, GenerateCall, TwoBranch, check_alpha, check_beta, check_llama_family, contrast_raw, pad_token_id,
+    BranchPrompt, GenerateCall, TwoBranch, check_alpha, check_beta, check_family, contrast_raw, pad_token_id,
 )
 
 INSTRUCTIONS_PATH = Path(__file__).resolve().parent.parent / "data" / "icd_instructions.txt"
@@ -31,6 +31,10 @@ LLAVA_SYSTEM_PROMPTS: Tuple[str, ...] = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.",
 )
+#: Qwen2-VL's and Qwen2.5-VL's chat template's default system turn
+QWEN2_VL_SYSTEM_PROMPT = "You are a helpful assistant."
+#: the system prompts :func:`icd_prompt` finds without ``system=``, tried in this order
+KNOWN_SYSTEM_PROMPTS: Tuple[str, ...] = LLAVA_SYSTEM_PROMPTS + (QWEN2_VL_SYSTEM_PROMPT,)
 
 
 def icd_prompt(prompt: str, instruction: Union[int, str] = 0, system: Optional[str] = None) -> str:
@@ -39,7 +43,8 @@ def icd_prompt(prompt: str, instruction: Union[int, str] = 0, system: Optional[s
     Args:
         prompt: the rendered main prompt (e.g. LLaVA's ``"<system> USER: <image>\\n<question> ASSISTANT:"``).
         instruction: an index into :data:`ICD_INSTRUCTIONS` (default 0, the first published text) or the text.
-        system: the system prompt to replace; ``None`` finds one of LLaVA's (:data:`LLAVA_SYSTEM_PROMPTS`).
+        system: the system prompt to replace; ``None`` finds one of :data:`KNOWN_SYSTEM_PROMPTS` (LLaVA's,
+            Qwen2-VL's default).
 
     The published script renders the same conversation with the ``llava_custom`` template, whose system
     text is the instruction: only the system prompt changes.
@@ -52,14 +57,21 @@ def icd_prompt(prompt: str, instruction: Union[int, str] = 0, system: Optional[s
         text = instruction
     else:
         raise ValueError(f"instruction must be an index into ICD_INSTRUCTIONS or a non-empty string; got {instruction!r}")
-    candidates = [system] if system is not None else list(LLAVA_SYSTEM_PROMPTS)
+    candidates = [system] if system is not None else list(KNOWN_SYSTEM_PROMPTS)
     found = next((s for s in candidates if s and s in prompt), None)
     if found is None:
         raise ValueError(
             "icd_prompt found no system prompt to replace in the prompt; pass system='<the system text>' "
-            f"(recognised without it: LLaVA's llava_v1 / vicuna_v1 system prompts). Prompt: {prompt[:80]!r}"
+            f"(recognised without it: LLaVA's llava_v1 / vicuna_v1 system prompts, Qwen2-VL's default). Prompt: {prompt[:80]!r}"
         )
     return prompt.replace(found, text, 1)
+
+
+#: the families this method takes (family name -> the classes it is tested on)
+FAMILIES = {
+    "llama": "LLaVA in both forms and llama-family text models",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration",
+}
 
 
 @dataclass
@@ -88,7 +100,7 @@ class ICDConfig(MethodConfig):
         (check_alpha if knob == "alpha" else check_beta)(value, "cd_" + knob)
 
     def validate_for(self, parts) -> None:
-        check_llama_family(parts, "icd", "LLaVA in both forms and llama-family text models")
+        check_family(parts, "icd", FAMILIES, "its second branch has not been ported to this family's inputs")
 
 
 class InstructionContrast(TwoBranch):

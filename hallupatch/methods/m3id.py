@@ -17,8 +17,15 @@ import torch
 from hallupatch.engine import Patch
 from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.methods.two_branch import (
-    BranchPrompt, GenerateCall, TwoBranch, check_beta, check_llama_family, image_free_prompt, plausibility_cutoff,
+    BranchPrompt, GenerateCall, TwoBranch, check_beta, check_family, image_free_prompt, plausibility_cutoff,
 )
+
+
+#: the families this method takes (family name -> the classes it is tested on)
+FAMILIES = {
+    "llama": "llava-hf LlavaForConditionalGeneration and the original LLaVA class",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration",
+}
 
 
 @dataclass
@@ -45,7 +52,7 @@ class M3IDConfig(MethodConfig):
         check_beta(value, "cd_" + knob)
 
     def validate_for(self, parts) -> None:
-        check_llama_family(parts, "m3id", "llava-hf LlavaForConditionalGeneration and the original LLaVA class")
+        check_family(parts, "m3id", FAMILIES, "its second branch has not been ported to this family's inputs")
 
 
 class M3ID(TwoBranch):

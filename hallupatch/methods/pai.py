@@ -28,11 +28,17 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from hallupatch.engine import Patch
 from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.methods.two_branch import (
-    BranchPrompt, GenerateCall, TwoBranch, check_alpha, check_llama_family, image_free_prompt,
+    BranchPrompt, GenerateCall, TwoBranch, check_alpha, check_family, image_free_prompt,
 )
 from hallupatch.spec import PassInfo
 
 CFG_CUTOFF = 0.1   # hard-coded in the published CFG processor
+
+
+#: the families this method takes (family name -> the classes it is tested on)
+FAMILIES = {
+    "llama": "llava-hf LlavaForConditionalGeneration and the original LLaVA class",
+}
 
 
 @dataclass
@@ -75,7 +81,8 @@ class PAIConfig(MethodConfig):
         raise ValueError(f"method 'pai' takes no per-call {knob}")
 
     def validate_for(self, parts) -> None:
-        check_llama_family(parts, "pai", "llava-hf LlavaForConditionalGeneration and the original LLaVA class")
+        check_family(parts, "pai", FAMILIES, "PAI rescales the image tokens' attention inside the eager attention "
+                     "formula, which is written per family and exists for llama's only")
         if self.end_layer > parts.num_layers:
             raise ValueError(
                 f"end_layer={self.end_layer} exceeds the model's {parts.num_layers} decoder layers; "

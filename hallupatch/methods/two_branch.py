@@ -27,6 +27,10 @@ from hallupatch.spec import cache_length
 
 #: ``generate()`` keywords that carry the image: llava-hf (``pixel_values``), the original LLaVA (``images``)
 IMAGE_INPUTS: Tuple[str, ...] = ("pixel_values", "images")
+#: ``generate()`` keywords that go with the image into the branch as given (Qwen2-VL's per-image patch grid)
+IMAGE_COMPANIONS: Tuple[str, ...] = ("image_grid_thw",)
+#: ``generate()`` keywords a second branch cannot follow (it would see them unchanged or not at all)
+REFUSED_INPUTS: Tuple[str, ...] = ("pixel_values_videos", "video_grid_thw")
 #: the published samplers' extra ``generate()`` keywords; each method accepts those in its ``call_inputs``
 PUBLISHED_CALL_INPUTS: Tuple[str, ...] = ("images_cd", "input_ids_cd", "attention_mask_cd", "cd_alpha", "cd_beta")
 
@@ -40,11 +44,12 @@ class GenerateCall:
     image_input: Optional[str]                   # which of IMAGE_INPUTS carries the image, if any
     image: Optional[torch.Tensor]
     extras: Dict[str, Any] = field(default_factory=dict)   # the PUBLISHED_CALL_INPUTS given
+    companions: Dict[str, Any] = field(default_factory=dict)   # the IMAGE_COMPANIONS given
 
 
 @dataclass
 class BranchPrompt:
-    """The second branch's prompt: ``image=None`` runs it without an image."""
+    """The second branch's prompt: ``image=None`` runs it without an image (and without its companions)."""
 
     input_ids: torch.Tensor
     attention_mask: Optional[torch.Tensor] = None
@@ -74,11 +79,12 @@ class BranchState:
     logits: Optional[torch.Tensor] = None   # (batch, vocab) float32, last position of the latest forward
 
 
-def remove_token(ids: torch.Tensor, mask: Optional[torch.Tensor], token: int, pad_id: int
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``ids`` with every ``token`` removed from each row, left-padded again with ``pad_id`` (mask 0)."""
+def remove_tokens(ids: torch.Tensor, mask: Optional[torch.Tensor], tokens: Tuple[int, ...], pad_id: int
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` with every one of ``tokens`` removed from each row, left-padded again with ``pad_id`` (mask 0)."""
     mask = torch.ones_like(ids) if mask is None else mask
-    rows = [(i[i != token], m[i != token]) for i, m in zip(ids, mask)]
+    keep = ~torch.isin(ids, torch.tensor(tokens, dtype=ids.dtype, device=ids.device))
+    rows = [(i[k], m[k]) for i, m, k in zip(ids, mask, keep)]
     width = max(len(i) for i, _ in rows)
     out_ids = torch.full((len(rows), width), pad_id, dtype=ids.dtype, device=ids.device)
     out_mask = torch.zeros((len(rows), width), dtype=mask.dtype, device=mask.device)
@@ -99,15 +105,19 @@ def pad_token_id(model) -> Optional[int]:
 
 
 def image_free_prompt(method: TwoBranch, call: GenerateCall) -> BranchPrompt:
-    """The prompt with every image token removed (each row left-padded again), no image: M3ID's and PAI's branch."""
-    token = method.parts.spec.image_token_id(method.patch.model)
+    """The prompt with every image token and the family's image wrapper tokens (Qwen2-VL's
+    ``<|vision_start|>`` / ``<|vision_end|>``) removed, each row left-padded again, no image: M3ID's and
+    PAI's branch."""
+    spec, model = method.parts.spec, method.patch.model
+    token = spec.image_token_id(model)
     if token is None or not bool((call.input_ids == token).any()):
         raise ValueError(
             f"method {method.name!r} contrasts with the prompt without its image, but the prompt has no image token "
             f"({token}); give the prompt with its image placeholder (e.g. '<image>')"
         )
     pad = pad_token_id(method.patch.model)
-    ids, mask = remove_token(call.input_ids, call.attention_mask, token, 0 if pad is None else pad)
+    removed = (token,) + tuple(spec.image_wrapper_token_ids(model))
+    ids, mask = remove_tokens(call.input_ids, call.attention_mask, removed, 0 if pad is None else pad)
     return BranchPrompt(ids, mask, None)
 
 
@@ -187,9 +197,16 @@ class TwoBranch:
                 f"method {self.name!r} needs the prompt's token ids in generate(input_ids=...) (a 2-D tensor) "
                 "to build its second branch"
             )
+        refused = [name for name in REFUSED_INPUTS if kwargs.get(name) is not None]
+        if refused:
+            raise ValueError(
+                f"method {self.name!r} contrasts images; generate() got {refused} (a video), which its second "
+                "branch cannot follow: give the frames as images, or run this prompt without the method"
+            )
         image_input = next((name for name in IMAGE_INPUTS if kwargs.get(name) is not None), None)
+        companions = {name: kwargs[name] for name in IMAGE_COMPANIONS if kwargs.get(name) is not None}
         call = GenerateCall(ids, kwargs.get("attention_mask"), image_input,
-                            kwargs.get(image_input) if image_input else None, extras)
+                            kwargs.get(image_input) if image_input else None, extras, companions)
         self.trace = ContrastTrace()
         self.branch, self.main_image_inputs = None, None
         self.call = call
@@ -241,7 +258,13 @@ class TwoBranch:
         mask = mask.to(ids.device).repeat_interleave(repeat, dim=0)
         images = {}
         if prompt.image is not None:
+            if self.call.companions and repeat > 1:
+                raise ValueError(
+                    f"method {self.name!r} on this model repeats no image for num_return_sequences > 1 (its image "
+                    f"inputs {sorted(self.call.companions)} have no batch dimension): use num_return_sequences=1"
+                )
             images[self.call.image_input] = prompt.image.repeat_interleave(repeat, dim=0)
+            images.update(self.call.companions)
         state = BranchState(ids, mask, images)
         if not images or self.call.image_input in (self.main_image_inputs or set()):
             self._forward(state)
@@ -354,10 +377,12 @@ def check_beta(value: Any, name: str = "beta") -> float:
     return float(value)
 
 
-def check_llama_family(parts: Any, method: str, what: str) -> None:
-    """The four baselines are ported for the llama family's LLaVA models (their published code's models)."""
-    if parts.spec.name != "llama":
+def check_family(parts: Any, method: str, families: Dict[str, str], why_not: str) -> None:
+    """Refuse a model whose family is not a key of ``families`` (family name -> the classes it was tested on),
+    saying ``why_not`` (what the port would need)."""
+    if parts.spec.name not in families:
+        taken = "; ".join(f"{name}: {classes}" for name, classes in families.items())
         raise TypeError(
-            f"method {method!r} supports the llama family ({what}); this model is of the "
-            f"{parts.spec.name!r} family. Use method 'memvr' or 'dola' on it"
+            f"method {method!r} does not run on {type(parts.model).__name__} (family {parts.spec.name!r}): "
+            f"{why_not}. It takes the families {taken}. Use method 'memvr' or 'dola' on this model"
         )

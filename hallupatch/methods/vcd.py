@@ -15,7 +15,7 @@ import torch
 from hallupatch.engine import Patch
 from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.methods.two_branch import (
-    BranchPrompt, GenerateCall, TwoBranch, check_alpha, check_beta, check_llama_family, contrast_raw,
+    BranchPrompt, GenerateCall, TwoBranch, check_alpha, check_beta, check_family, contrast_raw,
 )
 
 DIFFUSION_STEPS = 1000
@@ -41,6 +41,13 @@ def add_diffusion_noise(pixels: torch.Tensor, noise_step: int, generator: Option
     keep, noise = diffusion_noise_scales(noise_step)
     eps = torch.randn(pixels.shape, dtype=torch.float32, generator=generator)
     return (keep * pixels.detach().float().cpu() + noise * eps).to(pixels.device, pixels.dtype)
+
+
+#: the families this method takes (family name -> the classes it is tested on)
+FAMILIES = {
+    "llama": "llava-hf LlavaForConditionalGeneration and the original LLaVA class",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration",
+}
 
 
 @dataclass
@@ -82,7 +89,7 @@ class VCDConfig(MethodConfig):
         (check_alpha if knob == "alpha" else check_beta)(value, "cd_" + knob)
 
     def validate_for(self, parts) -> None:
-        check_llama_family(parts, "vcd", "llava-hf LlavaForConditionalGeneration and the original LLaVA class")
+        check_family(parts, "vcd", FAMILIES, "its second branch has not been ported to this family's inputs")
 
 
 class VisualContrast(TwoBranch):
@@ -101,6 +108,12 @@ class VisualContrast(TwoBranch):
                     f"images_cd must have the image's shape {tuple(call.image.shape)}; got {tuple(given.shape)}"
                 )
             self.images_cd = given.to(call.image.device, call.image.dtype)
+        elif self.config.noise_seed is not None and call.companions:
+            raise ValueError(
+                f"noise_seed draws each sample's noise from its own generator, but this model's image inputs have no "
+                f"batch dimension (they come with {sorted(call.companions)}): use noise_seed=None (seed the call with "
+                "transformers.set_seed) or pass generate(images_cd=...)"
+            )
         elif self.config.noise_seed is None:   # the published draw: the whole tensor, global generator
             self.images_cd = add_diffusion_noise(call.image, self.config.noise_step)
         else:   # one generator per sample, so a sample's noise does not depend on its batch companions
