@@ -14,7 +14,7 @@ from hallupatch.engine import (  # noqa: F401  (get_trace: public here)
 from hallupatch.methods import Method, MethodConfig, parse_method
 from hallupatch.methods.memvr import memory_problem
 from hallupatch.spec import resolve
-from hallupatch.wrappers import forget_compiled_code, refuse_unsupported_wrapper, unwrap
+from hallupatch.model_wrappers import forget_compiled_code, refuse_unsupported_wrapper, unwrap
 
 
 def apply(model: nn.Module, method: str = "memvr", config: Any = None, **knobs: Any) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hallupatch.spec import ModelParts, resolve
-from hallupatch.wrappers import unwrap
+from hallupatch.model_wrappers import unwrap
 
 
 def parts_of(model: nn.Module) -> ModelParts:

@@ -348,7 +348,7 @@ def get_trace(model: nn.Module, method: str = "memvr"):
 
 def get_patch(model: nn.Module) -> Optional[Patch]:
     """The :class:`Patch` of a patched model (of the model inside a PEFT wrapper), or ``None``."""
-    from hallupatch.wrappers import unwrap
+    from hallupatch.model_wrappers import unwrap
 
     return vars(unwrap(model).base).get(PATCH_ATTRIBUTE)
 
