@@ -58,12 +58,20 @@ def diffusion(x, eps, step):
 def greedy(model64, steps, main, branch, combine, image_input="pixel_values"):
     """``main`` / ``branch``: (ids, mask, image); ``combine(main_logits, branch_logits, step)``. Returns the
     generated tokens (batch, steps) and the contrasted scores per step."""
+    return greedy_loop(lambda ids, mask, image: last_logits(model64, ids, mask, image, image_input),
+                       steps, main, branch, combine)
+
+
+def greedy_loop(logits, steps, main, branch, combine, first_step=0, banned=()):
+    """The plain loop itself: ``logits(ids, mask, image)`` gives one full forward's last-position logits;
+    ``main`` / ``branch``: (ids, mask, image); ``combine(main_logits, branch_logits, step)`` with ``step``
+    counted from ``first_step``; ``banned`` token ids are -inf in every step's scores (as min_new_tokens
+    does to EOS). Both branches are fed the chosen token and re-run in full at every step."""
     (ids, mask, image), (bids, bmask, bimage) = main, branch
     tokens, scores = [], []
-    for step in range(steps):
-        z = last_logits(model64, ids, mask, image, image_input)
-        zb = last_logits(model64, bids, bmask, bimage, image_input)
-        out = combine(z, zb, step)
+    for step in range(first_step, first_step + steps):
+        out = combine(logits(ids, mask, image), logits(bids, bmask, bimage), step)
+        out[:, list(banned)] = -math.inf
         token = out.argmax(-1, keepdim=True)
         tokens.append(token)
         scores.append(out)

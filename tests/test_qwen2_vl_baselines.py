@@ -9,6 +9,7 @@ import torch
 import hallupatch
 import tiny_qwen2_vl as tiny
 from hallupatch import add_diffusion_noise, icd_prompt
+from baselines_reference import greedy_loop
 from qwen2_vl_fixtures import installed_checkpoint, load_model, load_processor
 
 STEPS = 3
@@ -61,21 +62,12 @@ def m3id(main, branch, t, beta=0.1, lam=0.02):
 
 
 def reference(model, main, branch, combine, steps=STEPS):
-    """Greedy tokens and combined scores of a plain loop: both branches re-run in full at every step."""
+    """Greedy tokens and combined scores of a plain loop: both branches re-run in full at every step, the
+    step counted from 1, EOS banned (min_new_tokens, as in the generate() call)."""
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    (ids, mask, images), (ids_b, mask_b, images_b) = main, branch
-    tokens, scores = [], []
-    for t in range(1, steps + 1):
-        out = combine(last_logits(model, ids, mask, **images), last_logits(model, ids_b, mask_b, **images_b), t)
-        out[:, eos] = -math.inf        # min_new_tokens, as in the generate() call
-        chosen = out.argmax(-1, keepdim=True)
-        tokens.append(chosen)
-        scores.append(out)
-        ones = torch.ones_like(chosen)
-        ids, mask = torch.cat([ids, chosen], 1), torch.cat([mask, ones], 1)
-        ids_b, mask_b = torch.cat([ids_b, chosen], 1), torch.cat([mask_b, ones], 1)
-    return torch.cat(tokens, 1), scores
+    return greedy_loop(lambda ids, mask, images: last_logits(model, ids, mask, **images), steps, main, branch,
+                       combine, first_step=1, banned=eos)
 
 
 def image_inputs(inputs, pixel_values=None):
