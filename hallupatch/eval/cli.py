@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from hallupatch.eval import embedded as builtin
 from hallupatch.eval import harness, lab, models
 from hallupatch.eval.data import DataError
-from hallupatch.eval.decoding import GREEDY, Decoding
+from hallupatch.eval.decoding import Decoding
 from hallupatch.eval.presets import get_preset, preset_help, with_preset
 from hallupatch.eval.store import StoreError, check_output_folder, folder_name
 from hallupatch.eval.tasks import Task, get_task, registered_tasks

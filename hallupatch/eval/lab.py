@@ -16,7 +16,7 @@ import json
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 from hallupatch.eval.embedded import LAB, LAB_MEMVR_WINDOW, lab_backend
 from hallupatch.eval.harness import SCREEN_WIDTH, Variant

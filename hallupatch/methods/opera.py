@@ -759,7 +759,6 @@ def _merge(results: List[_SampleResult], input_ids: torch.Tensor, num_beams: int
     """The samples' results as one ``generate()`` output: each sample's generated tokens after its
     original (padded) prompt, right-padded with ``pad_token_id``."""
     pad = options.get("pad_token_id")
-    prompt = input_ids.shape[1]
     pieces = []
     for i, result in enumerate(results):
         generated = result.sequences[:, result.prompt_length:]
