@@ -39,7 +39,7 @@ def test_dev_and_test_scenes_never_equal_training_scenes():
     train = {world.make_scene("train", i).layout for i in range(0, TRAINING_SCENES, 4)}
     evaluation = {s.layout for split in ("dev", "test") for s in world.scenes(split, 3000)}
     assert not train & evaluation
-    for split in world.SPLITS:  # by construction: each content belongs to one split
+    for split in world.SPLITS:  # by construction: each content belongs to one part of the world
         for s in world.scenes(split, 300):
             assert world.split_of_content(s.labels, [(o.x, o.y, o.size) for o in s.objects]) == split
     dev = {s.layout for s in world.scenes("dev", 3000)}
@@ -128,3 +128,83 @@ def test_writers_use_the_official_layouts(tmp_path):
     # deterministic: a second write gives the same files
     again = writers.write_pope(tmp_path / "pope2", split="dev", questions=10)
     assert (again / "coco_pope_random.json").read_text() == (pope / "coco_pope_random.json").read_text()
+
+
+def test_heldout_scenes_are_fresh_and_built_like_test():
+    heldout = world.scenes("heldout", 3000)
+    test = world.scenes("test", 3000)
+    assert not {s.layout for s in heldout} & {s.layout for s in test}   # a part of the world of its own
+    assert not any(o.hidden for s in heldout for o in s.objects)
+    # built as test: the same object-count mix and trigger/partner rates (within sampling noise)
+    for stat in (lambda s: len(s.objects), lambda s: any(t in s.labels for t in world.TRIGGERS),
+                 lambda s: any(world.PARTNER_OF.get(t) in s.labels for t in s.labels)):
+        assert abs(np.mean([stat(s) for s in heldout]) - np.mean([stat(s) for s in test])) < 0.06
+    qs = lq.pope_questions("heldout", "adversarial", 40)
+    assert len(qs) == 40 and all(q.scene.split == "heldout" for q in qs)
+    assert writers.pope_rows("heldout", "random", 4)[0]["image"].startswith("lab_heldout_")
+
+
+def _diff_mask(a: world.Scene, b: world.Scene) -> np.ndarray:
+    return np.any(world.render(a) != world.render(b), axis=-1)
+
+
+@pytest.mark.parametrize("mode", world.WEAK_MODES)
+def test_weaken_changes_only_the_weakened_object(mode):
+    scene = next(s for s in world.scenes("test", 50) if len(s.visible) >= 2)
+    target = scene.visible[0]
+    weak = world.weaken(scene, target, mode)
+    assert weak.weak == (target,) and weak.labels == scene.labels and weak.layout == scene.layout
+    obj = next(o for o in scene.objects if o.name == target)
+    full = world.shape_mask(obj.shape, obj.x, obj.y, obj.size)
+    changed = _diff_mask(scene, weak)
+    assert changed.any() and not (changed & ~full).any()   # other objects and the background as before
+    full_pixels, weak_pixels = world.render(scene)[full].astype(float), world.render(weak)[full].astype(float)
+    background = np.median(world.render(scene)[~full].astype(float), axis=0)
+    if mode == "faint":   # every pixel of the object, nearer the background
+        assert changed[full].mean() > 0.9
+        assert np.abs(weak_pixels - background).mean() < 0.6 * np.abs(full_pixels - background).mean()
+    else:                 # part of the object is not drawn at all
+        assert 0.3 < changed[full].mean() < 0.9
+
+
+def test_weaken_is_deterministic_and_refuses_bad_input():
+    scene = world.make_scene("dev", 3)
+    assert world.weaken(scene, scene.visible[0]) == world.weaken(scene, scene.visible[0])
+    assert np.array_equal(world.render(world.weaken(scene, scene.visible[0])),
+                          world.render(world.weaken(world.make_scene("dev", 3), scene.visible[0])))
+    with pytest.raises(ValueError, match="only evaluation scenes"):
+        world.weaken(world.make_scene("train", 0), world.make_scene("train", 0).visible[0])
+    with pytest.raises(ValueError, match="not drawn"):
+        world.weaken(scene, world.absent_objects(scene)[0])
+    with pytest.raises(ValueError, match="unknown weak mode"):
+        world.weaken(scene, scene.visible[0], "blurry")
+
+
+def test_weak_questions_ask_for_the_weak_object_and_its_look_alike():
+    qs = lq.weak_questions("test", 200)
+    assert lq.pope_stats(qs) == {"yes": 100, "no": 100}
+    modes = set()
+    for yes, no in zip(qs[0::2], qs[1::2]):
+        assert yes.scene is no.scene and yes.scene.weak == (yes.obj,) and yes.label == "yes" and no.label == "no"
+        assert no.obj not in yes.scene.labels and no.obj.split()[1] == yes.obj.split()[1]
+        prompted = {world.PARTNER_OF[t] for t in yes.scene.labels if t in world.PARTNER_OF}
+        assert yes.obj not in prompted and no.obj not in prompted   # the first cause plays no part
+        modes |= {o.weak for o in yes.scene.objects if o.weak}
+    assert modes == set(world.WEAK_MODES)
+    control = lq.full_evidence(qs)
+    assert [(q.obj, q.label, q.scene.index) for q in control] == [(q.obj, q.label, q.scene.index) for q in qs]
+    assert not any(q.scene.weak for q in control)
+    assert lq.scene_file_name(qs[0].scene).endswith("_weak.png")
+    assert lq.scene_file_name(control[0].scene) == lq.scene_file_name(qs[0].scene).replace("_weak", "")
+
+
+def test_write_weak_writes_pope_files_the_harness_reads(tmp_path):
+    from hallupatch.eval.tasks.pope import load_pope
+
+    writers.write_weak(tmp_path, "dev", 10)
+    weak = load_pope(tmp_path / "weak.jsonl")
+    full = load_pope(tmp_path / "full.jsonl")
+    assert [q.group for q in weak] == ["weak"] * 10 and [q.group for q in full] == ["full"] * 10
+    assert all(q.image_name.endswith("_weak.png") for q in weak)
+    assert [q.question for q in weak] == [q.question for q in full]
+    assert (tmp_path / "images" / weak[0].image_name).is_file() and (tmp_path / "images" / full[0].image_name).is_file()

@@ -35,9 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     m.add_argument("--skip-methods", action="store_true", help="only the plain model's figures")
     w = sub.add_parser("write", help="write lab data in a benchmark's official layout")
-    w.add_argument("benchmark", choices=["mme", "pope", "coco"])
+    w.add_argument("benchmark", choices=["mme", "pope", "weak", "coco"],
+                   help="weak: the second planted cause (weak.jsonl, full.jsonl: POPE's format)")
     w.add_argument("--out", required=True)
-    w.add_argument("--split", default="test", choices=["dev", "test"])
+    w.add_argument("--split", default="test", choices=["dev", "test", "heldout"],
+                   help="heldout: fresh scenes built exactly as test's (default test)")
     return parser
 
 
@@ -65,7 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             from hallupatch.lab import writers
 
-            writer = {"mme": writers.write_mme, "pope": writers.write_pope, "coco": writers.write_coco}[args.benchmark]
+            writer = {"mme": writers.write_mme, "pope": writers.write_pope, "weak": writers.write_weak,
+                      "coco": writers.write_coco}[args.benchmark]
             print(writer(args.out, split=args.split))
     except (ValueError, TypeError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -13,9 +13,9 @@ import numpy as np
 
 from hallupatch.lab import world
 
-EVAL_SPLITS = ("dev", "test")
+EVAL_SPLITS = ("dev", "test", "heldout")
 POPE_KINDS = ("random", "popular", "adversarial")
-_PURPOSE = {"random": 11, "popular": 12, "adversarial": 13, "mme": 14, "control": 15}
+_PURPOSE = {"random": 11, "popular": 12, "adversarial": 13, "mme": 14, "control": 15, "weak": 16}
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,41 @@ def control_questions(adversarial: List[YesNo]) -> List[YesNo]:
     return out
 
 
+def weak_questions(split: str, count: int) -> List[YesNo]:
+    """``count`` questions on the second planted cause, weak visual evidence (half yes, half no), two per scene.
+
+    In each scene one drawn object is weakened (:func:`hallupatch.lab.world.weaken`: small, faint or half
+    hidden); the yes-question asks for it, the no-question for its look-alike: the same shape in a colour
+    absent from the scene. Neither is the partner of a trigger in the scene, so the first cause (the
+    co-occurrence prior) plays no part: seeing the object, and seeing it well enough to tell its colour, is
+    what answers both."""
+    _check_eval_split(split)
+    _check_count(count)
+    out: List[YesNo] = []
+    for scene in _scene_stream(split):
+        if len(out) >= count:
+            break
+        prompted = {world.PARTNER_OF[t] for t in scene.labels if t in world.PARTNER_OF}
+        targets = [o for o in scene.visible if o not in prompted]
+        if not targets:
+            continue
+        rng = _rng(split, "weak", scene.index)
+        target = targets[int(rng.integers(len(targets)))]
+        shape = target.split()[1]
+        alikes = [o for o in world.absent_objects(scene) if o.split()[1] == shape and o not in prompted]
+        if not alikes:
+            continue
+        weak = world.weaken(scene, target)
+        out += [YesNo(weak, target, "yes", "weak"), YesNo(weak, alikes[int(rng.integers(len(alikes)))], "no", "weak")]
+    return out
+
+
+def full_evidence(questions: List[YesNo]) -> List[YesNo]:
+    """The paired control of :func:`weak_questions`: the same questions on the same scenes drawn whole.
+    More errors on the weak questions than here is the weak evidence's doing."""
+    return [YesNo(world.make_scene(q.scene.split, q.scene.index), q.obj, q.label, "full") for q in questions]
+
+
 def mme_questions(split: str, images: int) -> List[YesNo]:
     """MME existence: per scene two questions, a present object ("Yes") then an absent one ("No")."""
     _check_eval_split(split)
@@ -160,8 +195,9 @@ def caption_pairs(split: str, count: int) -> List[Tuple[world.Scene, world.Scene
 
 
 def scene_file_name(scene: world.Scene) -> str:
-    """The image file name of a scene in every written layout: ``lab_test_000012.png``."""
-    return f"lab_{scene.split}_{scene.index:06d}.png"
+    """The image file name of a scene in every written layout: ``lab_test_000012.png``, and
+    ``lab_test_000012_weak.png`` for the scene with an object weakened (one weakened variant per scene)."""
+    return f"lab_{scene.split}_{scene.index:06d}{'_weak' if scene.weak else ''}.png"
 
 
 def scene_image_id(scene: world.Scene) -> int:

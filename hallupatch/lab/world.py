@@ -11,9 +11,14 @@ Every scene is a pure function of ``(split, index)``: its own ``numpy`` generato
 ``(WORLD_SEED, split seed, index)``, so any scene can be rebuilt on its own, in any order, and the
 splits draw from disjoint seed streams; on top of that, a scene's content (objects, centres, sizes)
 belongs by a stable hash to either the training or the evaluation part of the world (:func:`split_of_content`),
-so no dev/test scene equals any training scene. Evaluation splits (``dev``, ``test``) never hide objects
-and use :data:`EVAL_PARTNER_RATE` so that "trigger present, partner absent" scenes are common enough
-to ask about.
+so no dev/test scene equals any training scene. Evaluation splits (``dev``, ``test``, ``heldout``) never
+hide objects and use :data:`EVAL_PARTNER_RATE` so that "trigger present, partner absent" scenes are common
+enough to ask about. ``heldout`` is built exactly as ``test`` from a seed stream and a part of the world of
+its own: fresh scenes on which anyone can check that a finding replicates.
+
+A second cause, **weak visual evidence**, is planted at evaluation time: :func:`weaken` draws one object
+of a scene :data:`WEAK_MODES` (small, faint or half hidden), at the edge of what training showed (every
+training object is drawn whole, at full contrast, 14-22 px). A model has to look harder to see it.
 """
 from __future__ import annotations
 
@@ -50,8 +55,13 @@ TRAIN_PARTNER_RATE = 0.9
 EVAL_PARTNER_RATE = 0.5
 HIDDEN_RATE = 0.2
 TRIGGER_FIRST_RATE = 0.4  # how often a scene's first object is a trigger
-SPLIT_SEEDS = {"train": 1, "dev": 2, "test": 3}
+SPLIT_SEEDS = {"train": 1, "dev": 2, "test": 3, "heldout": 4}
 SPLITS = tuple(SPLIT_SEEDS)
+#: how an object is drawn when its visual evidence is weak (:func:`weaken`); "" = drawn as in training
+WEAK_MODES = ("small", "faint", "occluded")
+WEAK_SCALE = 0.5       # "small": the side scaled by this (14-22 px -> 7-11 px)
+WEAK_CONTRAST = 0.4    # "faint": this share of the colour's distance from the background
+WEAK_PURPOSE = 2       # generator purpose of :func:`weaken` (0: the scene's content, 1: its pixels)
 CONTENT_BUCKETS = 16
 
 
@@ -64,6 +74,7 @@ class Placed:
     y: int
     size: int
     hidden: bool = False
+    weak: str = ""   # one of WEAK_MODES: drawn with weak visual evidence (evaluation scenes only)
 
     @property
     def colour(self) -> str:
@@ -97,6 +108,11 @@ class Scene:
         """Everything that defines the scene's content (used to compare scenes across splits)."""
         return tuple((o.name, o.x, o.y, o.size, o.hidden) for o in self.objects)
 
+    @property
+    def weak(self) -> Tuple[str, ...]:
+        """The objects drawn with weak visual evidence (:func:`weaken`)."""
+        return tuple(o.name for o in self.objects if o.weak)
+
     def image(self):
         """The scene as a 64 px RGB ``PIL.Image`` (deterministic)."""
         from PIL import Image
@@ -114,13 +130,13 @@ def _generator(split: str, index: int, purpose: int = 0) -> np.random.Generator:
 
 
 def make_scene(split: str, index: int) -> Scene:
-    """Scene number ``index`` of ``split`` (``"train"``, ``"dev"`` or ``"test"``)."""
+    """Scene number ``index`` of ``split`` (``"train"``, ``"dev"``, ``"test"`` or ``"heldout"``)."""
     _check_split(split)
     if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or index < 0:
         raise ValueError(f"scene index must be a non-negative integer; got {index!r}")
     rng = _generator(split, index)
     training = split == "train"
-    while True:  # a scene's content belongs to exactly one split's part of the world
+    while True:  # a scene's content belongs to exactly one part of the world
         names, placed = _draw(rng, TRAIN_PARTNER_RATE if training else EVAL_PARTNER_RATE)
         if split_of_content(names, placed) == split:
             break
@@ -134,11 +150,14 @@ def make_scene(split: str, index: int) -> Scene:
 
 def split_of_content(names: Sequence[str], placed: Sequence[Tuple[int, int, int]]) -> str:
     """The split a scene content (objects, centres, sizes) belongs to, by a stable hash modulo
-    :data:`CONTENT_BUCKETS`: bucket 0 is dev, bucket 1 test, all others training. So no dev or test
-    scene can equal a training scene (nor each other), however many scenes are drawn."""
+    :data:`CONTENT_BUCKETS`: bucket 0 is dev, bucket 1 test or heldout (halved by the hash's next bit),
+    all others training. So no two splits can share a scene, however many are drawn."""
     key = ";".join(f"{n}@{x},{y},{s}" for n, (x, y, s) in sorted(zip(names, placed)))
-    bucket = zlib.crc32(key.encode("utf-8")) % CONTENT_BUCKETS
-    return "dev" if bucket == 0 else "test" if bucket == 1 else "train"
+    digest = zlib.crc32(key.encode("utf-8"))
+    bucket = digest % CONTENT_BUCKETS
+    if bucket == 1:
+        return "heldout" if (digest // CONTENT_BUCKETS) % 2 else "test"
+    return "dev" if bucket == 0 else "train"
 
 
 def _draw(rng: np.random.Generator, partner_rate: float) -> Tuple[List[str], List[Tuple[int, int, int]]]:
@@ -173,6 +192,27 @@ def _place(rng: np.random.Generator, count: int) -> List[Tuple[int, int, int]]:
     return boxes
 
 
+def weaken(scene: Scene, obj: str, mode: Optional[str] = None) -> Scene:
+    """``scene`` with object ``obj`` drawn with weak visual evidence: ``mode`` one of :data:`WEAK_MODES`
+    (default: drawn from the scene's own generator, so the same scene and object give the same image).
+
+    ``small``: side x :data:`WEAK_SCALE`; ``faint``: :data:`WEAK_CONTRAST` of its contrast with the
+    background; ``occluded``: one half (left, right, top or bottom, from the scene's generator) covered
+    by the background. Only evaluation scenes are weakened; training draws every object whole."""
+    if scene.split == "train":
+        raise ValueError("only evaluation scenes (dev, test, heldout) are weakened; training draws objects whole")
+    if obj not in scene.visible:
+        raise ValueError(f"{obj!r} is not drawn in scene {scene.split}/{scene.index}; drawn: {list(scene.visible)}")
+    if mode is None:
+        rng = _generator(scene.split, scene.index, purpose=WEAK_PURPOSE)
+        mode = WEAK_MODES[int(rng.integers(len(WEAK_MODES)))]
+    if mode not in WEAK_MODES:
+        raise ValueError(f"unknown weak mode {mode!r}; use one of {list(WEAK_MODES)}")
+    objects = tuple(Placed(o.name, o.x, o.y, o.size, o.hidden, mode if o.name == obj else o.weak)
+                    for o in scene.objects)
+    return Scene(scene.split, scene.index, objects)
+
+
 def shape_mask(shape: str, x: int, y: int, size: int, canvas: int = IMAGE_SIZE) -> np.ndarray:
     """Boolean ``canvas x canvas`` mask of one shape centred at ``(x, y)`` with side ``size``."""
     if shape not in SHAPES:
@@ -202,9 +242,28 @@ def render(scene: Scene) -> np.ndarray:
         if obj.hidden:
             continue
         colour = np.array(COLOURS[obj.colour], dtype=np.float32) + rng.normal(0, 8, size=3)
-        pixels[shape_mask(obj.shape, obj.x, obj.y, obj.size)] = colour
+        pixels[_drawn_mask(obj, scene)] = _drawn_colour(obj, colour, background)
     pixels += rng.normal(0, 12, size=pixels.shape)
     return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _drawn_mask(obj: Placed, scene: Scene) -> np.ndarray:
+    """The pixels an object covers as drawn (weak objects: smaller, or with one half covered)."""
+    if obj.weak == "small":
+        return shape_mask(obj.shape, obj.x, obj.y, max(4, int(round(obj.size * WEAK_SCALE))))
+    mask = shape_mask(obj.shape, obj.x, obj.y, obj.size)
+    if obj.weak == "occluded":
+        side = int(_generator(scene.split, scene.index, purpose=WEAK_PURPOSE + 1).integers(4))
+        yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+        cover = (xx < obj.x, xx >= obj.x, yy < obj.y, yy >= obj.y)[side]
+        mask = mask & ~cover
+    return mask
+
+
+def _drawn_colour(obj: Placed, colour: np.ndarray, background: np.ndarray) -> np.ndarray:
+    if obj.weak == "faint":
+        return background + WEAK_CONTRAST * (colour - background)
+    return colour
 
 
 def patch_tags(scene: Scene, patch: int = 8, min_fraction: float = 0.1) -> np.ndarray:

@@ -6,6 +6,9 @@ on it unchanged.
   existence subtask: the model is trained on existence questions and nothing else MME asks.
 * :func:`write_pope`: ``coco_pope_{random,popular,adversarial}.json`` (JSON lines ``question_id, image,
   text, label``) and an ``images/`` folder.
+* :func:`write_weak`: the second planted cause in POPE's question-file format, ``weak.jsonl`` (one object
+  drawn small, faint or half hidden) and ``full.jsonl`` (the same questions on the scenes drawn whole), with
+  ``images/``; the harness reads either file as one POPE split (``--data DIR/weak.jsonl``).
 * :func:`write_coco`: ``annotations/instances_val2014.json`` and ``annotations/captions_val2014.json``
   (COCO format) with the images in ``val2014/``, and ``lab_chair_objects.txt``: the CHAIR object
   vocabulary (``object, synonym, ...`` lines, the first entry the canonical name).
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Union
+from typing import Dict, Iterable, List, Sequence, Union
 
 from hallupatch.lab import questions as lab_questions
 from hallupatch.lab import world
@@ -36,9 +39,9 @@ def _save_images(folder: Path, scenes: Iterable[world.Scene]) -> None:
 
 
 def _unique_scenes(scenes: Iterable[world.Scene]) -> List[world.Scene]:
-    seen: Dict[int, world.Scene] = {}
+    seen: Dict[str, world.Scene] = {}
     for scene in scenes:
-        seen.setdefault(scene.index, scene)
+        seen.setdefault(lab_questions.scene_file_name(scene), scene)
     return list(seen.values())
 
 
@@ -58,10 +61,32 @@ def write_mme(root: PathLike, split: str = "test", images: int = DEFAULT_MME_IMA
 
 def pope_rows(split: str, kind: str, count: int) -> List[dict]:
     """The JSON-lines rows of one POPE file (``question_id`` from 1, as POPE's files)."""
-    return [
-        {"question_id": i, "image": lab_questions.scene_file_name(q.scene), "text": q.pope_text, "label": q.label}
-        for i, q in enumerate(lab_questions.pope_questions(split, kind, count), 1)
-    ]
+    return question_rows(lab_questions.pope_questions(split, kind, count))
+
+
+def question_rows(questions: Sequence[lab_questions.YesNo]) -> List[dict]:
+    """Yes/no questions as POPE's JSON-lines rows (``question_id`` from 1)."""
+    return [{"question_id": i, "image": lab_questions.scene_file_name(q.scene), "text": q.pope_text, "label": q.label}
+            for i, q in enumerate(questions, 1)]
+
+
+def write_question_file(root: PathLike, name: str, questions: Sequence[lab_questions.YesNo]) -> Path:
+    """Write ``<root>/<name>.jsonl`` (POPE's format) and the images it names into ``<root>/images``;
+    returns the file."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{name}.jsonl"
+    target.write_text("".join(json.dumps(r) + "\n" for r in question_rows(questions)), encoding="utf-8")
+    _save_images(root / "images", _unique_scenes(q.scene for q in questions))
+    return target
+
+
+def write_weak(root: PathLike, split: str = "test", questions: int = DEFAULT_POPE_QUESTIONS) -> Path:
+    """Write ``weak.jsonl`` and its control ``full.jsonl`` (POPE's format) with ``images/`` under ``root``."""
+    weak = lab_questions.weak_questions(split, questions)
+    write_question_file(root, "weak", weak)
+    write_question_file(root, "full", lab_questions.full_evidence(weak))
+    return Path(root)
 
 
 def write_pope(root: PathLike, split: str = "test", questions: int = DEFAULT_POPE_QUESTIONS) -> Path:
