@@ -38,7 +38,9 @@ setup(
     # lmms: hallupatch as an lmms-eval model plug-in (hallupatch/lmms/). lmms-eval 0.7.3 resolves on the
     # project's pins only with torchvision pinned (otherwise pip upgrades torch and pulls CUDA wheels) and needs
     # filelock<4 (its evaluator imports filelock._api, removed in filelock 4; pip's resolver does not know).
-    extras_require={"test": ["pytest", "accelerate", "peft==0.11.1"], "eval": ["accelerate"],
+    # scipy, statsmodels (tests only): independent references for the exact McNemar test, its power and
+    # the Holm correction (hallupatch.eval.stats computes them with numpy alone)
+    extras_require={"test": ["pytest", "accelerate", "peft==0.11.1", "scipy", "statsmodels"], "eval": ["accelerate"],
                     "lmms": ["lmms-eval==0.7.3", "torchvision==0.28.0", "filelock<4"]},
     # lmms-eval finds the model `hallupatch` through this entry point (lmms_eval/models/registry_v2.py)
     entry_points={"lmms_eval.models": ["hallupatch = hallupatch.lmms:manifest"]},

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from caption_data import write_chair_data  # noqa: E402
@@ -22,7 +23,6 @@ def test_mcnemar_exact_on_a_hand_made_table():
     assert stats.mcnemar_exact(5, 1) == stats.mcnemar_exact(1, 5)
     assert stats.mcnemar_exact(0, 0) == 1.0 and stats.mcnemar_exact(3, 3) == 1.0
     assert stats.mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
-    scipy_stats = pytest.importorskip("scipy.stats")
     for b, c in ((2, 9), (7, 4), (0, 3), (12, 30)):
         assert stats.mcnemar_exact(b, c) == pytest.approx(scipy_stats.binomtest(b, b + c, 0.5).pvalue)
     first = [True, True, False, False, True, False]
@@ -59,8 +59,11 @@ def test_paired_bootstrap_equals_a_direct_recomputation():
         assert result[name]["difference"] == pytest.approx(_rates(full_b, n)[name] - _rates(full_a, n)[name])
         assert result[name]["ci95"] == pytest.approx([np.percentile(d, 2.5), np.percentile(d, 97.5)])
         assert result[name]["p"] == pytest.approx(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
+        # (z_0.975 + z_0.8) x the spread of the resampled differences
+        z = scipy_stats.norm.ppf(0.975) + scipy_stats.norm.ppf(0.8)
+        assert result[name]["mde"] == pytest.approx(z * np.std(d, ddof=1))
     same = stats.paired_bootstrap(first, first, _rates, resamples=50)
-    assert all(v["difference"] == 0 and v["p"] == 1.0 for v in same.values())
+    assert all(v["difference"] == 0 and v["p"] == 1.0 and math.isnan(v["mde"]) for v in same.values())
 
 
 # ------------------------------------------------------------------ end to end
