@@ -52,7 +52,6 @@ class QuestionSet:
     object; ``"yes"``: missing a present one); ``control``: the set that is this one's control."""
 
     name: str
-    title: str
     build: Callable[[str, int], list]
     compared: bool
     planted: str
@@ -86,11 +85,11 @@ def _random(split: str, count: int):
 
 
 SETS: Tuple[QuestionSet, ...] = (
-    QuestionSet("adversarial", "adversarial", _adversarial, True, "no", "the co-occurrence prior", "prior-control"),
-    QuestionSet("prior-control", "its control", _prior_control, False, "no"),
-    QuestionSet("weak", "weak evidence", _weak, True, "yes", "weak visual evidence", "full-evidence"),
-    QuestionSet("full-evidence", "its control", _full, False, "yes"),
-    QuestionSet("random", "random", _random, True, "no", "nothing planted"),
+    QuestionSet("adversarial", _adversarial, True, "no", "the co-occurrence prior", "prior-control"),
+    QuestionSet("prior-control", _prior_control, False, "no"),
+    QuestionSet("weak", _weak, True, "yes", "weak visual evidence", "full-evidence"),
+    QuestionSet("full-evidence", _full, False, "yes"),
+    QuestionSet("random", _random, True, "no", "nothing planted"),
 )
 COMPARED = tuple(s for s in SETS if s.compared)
 
@@ -138,10 +137,12 @@ def _write_set(root: Path, qset: QuestionSet, split: str, count: int) -> Path:
     return target
 
 
-def _answer(backend, data: Path, out: Path, label: str, variant: Variant, limit: Optional[int],
-            overwrite: bool, progress: bool) -> List[dict]:
+Runner = Callable[..., Any]   # the command line's runner of one benchmark (hallupatch.eval.cli.run), passed in
+
+
+def _answer(run_benchmark: Runner, backend, data: Path, out: Path, label: str, variant: Variant,
+            limit: Optional[int], overwrite: bool, progress: bool) -> List[dict]:
     """One setting's answers to one question file, through the harness (resumable)."""
-    from hallupatch.eval import cli
     from hallupatch.eval.embedded import LAB
     from hallupatch.eval.harness import method_folder_name
     from hallupatch.eval.store import read_answers
@@ -151,7 +152,7 @@ def _answer(backend, data: Path, out: Path, label: str, variant: Variant, limit:
             "--max-new-tokens", str(LAB.answer_tokens), *(["--limit", str(limit)] if limit else []),
             *(["--overwrite"] if overwrite else []), *([] if progress else ["--no-progress"])]
     with contextlib.redirect_stdout(io.StringIO()):
-        cli.run(argv, backend=backend, variants={label: variant})
+        run_benchmark(argv, backend=backend, variants={label: variant})
     return read_answers(folder / "answers.jsonl")
 
 
@@ -177,14 +178,14 @@ def paired_counts(base: Mapping[str, Tuple[str, bool]], other: Mapping[str, Tupl
             "method_planted_errors": sum(other[q][0] == planted and not other[q][1] for q in shared)}
 
 
-def choose_on_dev(backend, root: Path, overwrite: bool, progress: bool) -> Dict[str, Any]:
+def choose_on_dev(run_benchmark: Runner, backend, root: Path, overwrite: bool, progress: bool) -> Dict[str, Any]:
     """Run every grid setting on the dev sets; returns ``{"chosen": {method: knobs}, "grid": {...},
     "discordance": {method: {set: rate}}}``."""
     dev = root / "dev"
     base: Dict[str, Dict[str, Tuple[str, bool]]] = {}
     for qset in COMPARED:
         data = _write_set(root, qset, "dev", DEV_QUESTIONS)
-        base[qset.name] = _outcomes(_answer(backend, data, dev / qset.name, "none", Variant("none"), None,
+        base[qset.name] = _outcomes(_answer(run_benchmark, backend, data, dev / qset.name, "none", Variant("none"), None,
                                             overwrite, progress))
     chosen, grid_scores, discordance = {}, {}, {}
     for method, settings in grids().items():
@@ -196,7 +197,7 @@ def choose_on_dev(backend, root: Path, overwrite: bool, progress: bool) -> Dict[
                 data = _write_set(root, qset, "dev", DEV_QUESTIONS)
                 limit = min(DEV_QUESTIONS, COSTLY_QUESTIONS.get(method, DEV_QUESTIONS))
                 counts = paired_counts(base[qset.name], _outcomes(_answer(
-                    backend, data, dev / qset.name, label, Variant(method, dict(knobs)), limit, overwrite, progress)),
+                    run_benchmark, backend, data, dev / qset.name, label, Variant(method, dict(knobs)), limit, overwrite, progress)),
                     qset.planted)
                 per_set[qset.name] = counts
             accuracy = sum(c["method_right"] / c["n"] for c in per_set.values()) / len(per_set)
@@ -233,7 +234,7 @@ def set_sizes(dev: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
     return sizes
 
 
-def evaluate_split(backend, root: Path, split: str, chosen: Mapping[str, Mapping[str, Any]],
+def evaluate_split(run_benchmark: Runner, backend, root: Path, split: str, chosen: Mapping[str, Mapping[str, Any]],
                    sizes: Mapping[str, Mapping[str, Any]], overwrite: bool, progress: bool) -> Dict[str, Any]:
     """The chosen settings on ``split``: per set, ``none``'s figures and each method's paired counts."""
     out: Dict[str, Any] = {}
@@ -241,7 +242,7 @@ def evaluate_split(backend, root: Path, split: str, chosen: Mapping[str, Mapping
         count = sizes[qset.name]["questions"]
         data = _write_set(root, qset, split, count)
         folder = root / split / qset.name
-        base = _outcomes(_answer(backend, data, folder, "none", Variant("none"), None, overwrite, progress))
+        base = _outcomes(_answer(run_benchmark, backend, data, folder, "none", Variant("none"), None, overwrite, progress))
         entry: Dict[str, Any] = {"questions": count, "none": {
             "right": sum(r for _, r in base.values()), "n": len(base),
             "planted_n": sum(lab == qset.planted for lab, _ in base.values()),
@@ -250,32 +251,35 @@ def evaluate_split(backend, root: Path, split: str, chosen: Mapping[str, Mapping
             entry["methods"] = {}
             for method, knobs in chosen.items():
                 limit = COSTLY_QUESTIONS.get(method)
-                rows = _answer(backend, data, folder, method, Variant(method, dict(knobs)), limit, overwrite, progress)
+                rows = _answer(run_benchmark, backend, data, folder, method, Variant(method, dict(knobs)), limit, overwrite, progress)
                 entry["methods"][method] = paired_counts(base, _outcomes(rows), qset.planted)
         out[qset.name] = entry
     return out
 
 
-def run_seed(seed: int, checkpoint: Optional[Path], root: Path, split: str, threads: Optional[int],
+def run_seed(run_benchmark: Runner, seed: int, checkpoint: Optional[Path], root: Path, split: str, threads: Optional[int],
              overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
-    """One seed's part of the study (dev choice, sizes, the split's answers), saved as
-    ``<root>/<split>.json`` and returned."""
+    """One seed's part of the study (dev choice, sizes, the split's answers' counts), saved as
+    ``<root>/<split>.json`` and returned; a saved part is returned as it is (``overwrite``: run afresh)."""
     from hallupatch.eval.embedded import lab_backend
     from hallupatch.eval.models import choose_threads
     from hallupatch.eval.store import write_json
 
+    saved = root / f"{split}.json"
+    if saved.is_file() and not overwrite:
+        return json.loads(saved.read_text(encoding="utf-8"))
     backend = lab_backend(checkpoint)
     choose_threads(backend.model, threads)
-    dev = choose_on_dev(backend, root, overwrite, progress)
+    dev = choose_on_dev(run_benchmark, backend, root, overwrite, progress)
     write_json(root / "dev_choice.json", dev)
     sizes = set_sizes(dev)
     part = {"seed": seed, "split": split, "dev": dev, "sizes": sizes,
-            "results": evaluate_split(backend, root, split, dev["chosen"], sizes, overwrite, progress)}
-    write_json(root / f"{split}.json", part)
+            "results": evaluate_split(run_benchmark, backend, root, split, dev["chosen"], sizes, overwrite, progress)}
+    write_json(saved, part)
     return part
 
 
-def run_study(args) -> Dict[str, Any]:
+def run_study(args, run_benchmark: Runner) -> Dict[str, Any]:
     """Run (or resume) the study for ``args.seeds`` (default: every shipped seed) on ``args.split``; write
     ``<split>-study.json`` and ``<split>-study.txt`` and print the table. Seeds are independent: run one
     process per seed (``--seeds 1``) in parallel into the same ``--output``, then once without ``--seeds``
@@ -288,7 +292,7 @@ def run_study(args) -> Dict[str, Any]:
     unknown = [s for s in wanted if s not in seeds]
     if unknown:
         raise ValueError(f"no shipped lab checkpoint for seed(s) {unknown}; shipped seeds: {sorted(seeds)}")
-    parts = [run_seed(seed, seeds[seed], out / f"seed{seed}", args.split, args.threads, args.overwrite,
+    parts = [run_seed(run_benchmark, seed, seeds[seed], out / f"seed{seed}", args.split, args.threads, args.overwrite,
                       not args.no_progress) for seed in wanted]
     study = {"split": args.split, "seeds": wanted, "alpha": ALPHA, "power": TARGET_POWER,
              "target_effect": TARGET_EFFECT, "costly_questions": dict(COSTLY_QUESTIONS),
@@ -379,12 +383,12 @@ def render(study: Mapping[str, Any]) -> str:
     lines += ["", "accuracy change against none (points); p: exact McNemar, two-sided; holm: Holm-corrected over",
               f"the {per_seed} comparisons of a seed; mde: minimum detectable effect (points; 80% power, alpha "
               "0.05) at", "the observed discordance; holds: the same sign on every seed, each with holm < 0.05",
-              f"{'':<18}" + "".join(f"{'seed ' + str(s):^25}" for s in seeds),
-              f"{'method':<7}{'set':<11}" + "".join(f"{'change':>7}{'p':>6}{'holm':>6}{'mde':>5} " for _ in seeds)
+              f"{'':<19}" + "".join(f"{'seed ' + str(s):^25}" for s in seeds),
+              f"{'method':<7}{'set':<12}" + "".join(f"{'change':>7}{'p':>6}{'holm':>6}{'mde':>5} " for _ in seeds)
               + "holds"]
     for qset in COMPARED:
         for method in published:
             rows = [table[(s, qset.name, method)] for s in seeds]
             cells = "".join(f"{r['change']:>+7.2f}{_p(r['p']):>6}{_p(r['holm']):>6}{r['mde']:>5.1f} " for r in rows)
-            lines.append(f"{method:<7}{qset.title[:10]:<11}{cells}{holds(rows)}")
+            lines.append(f"{method:<7}{qset.name:<12}{cells}{holds(rows)}")
     return "\n".join(line.rstrip() for line in lines)
