@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -369,16 +370,17 @@ def render(study: Mapping[str, Any]) -> str:
         lines.append(f"  {qset.name:<12}{' / '.join(counts)}")
     costly = ", ".join(f"{m} answers the first {n} of each set" for m, n in study["costly_questions"].items())
     lines.append(f"  * capped at {MAX_QUESTIONS} (the MDE column shows the power left); {costly}")
-    lines.append(f"dev choice ({DEV_QUESTIONS} dev questions per set; the knobs that differ from the published "
-                 "setting), seeds " + " | ".join(map(str, seeds)) + ":")
+    lines.append(f"dev choice per seed ({DEV_QUESTIONS} dev questions per set; knobs that differ from the "
+                 "published setting):")
     published = {m: g[0] for m, g in grids().items()}
     for method in published:
         picks = []
         for seed in seeds:
             knobs = parts[seed]["dev"]["chosen"][method]
-            picks.append(", ".join(f"{k}={v}" for k, v in knobs.items() if published[method].get(k) != v)
-                         or "published")
-        lines.append(f"  {method:<6} " + " | ".join(picks))
+            picks.append(f"{seed}: " + (", ".join(f"{k}={v}" for k, v in knobs.items()
+                                                    if published[method].get(k) != v) or "published"))
+        lines += textwrap.wrap(" | ".join(picks), SCREEN_WIDTH, initial_indent=f"  {method:<7}",
+                               subsequent_indent=" " * 9)
     per_seed = len(table) // len(seeds)
     lines += ["", "accuracy change against none (points); p: exact McNemar, two-sided; holm: Holm-corrected over",
               f"the {per_seed} comparisons of a seed; mde: minimum detectable effect (points; 80% power, alpha "
