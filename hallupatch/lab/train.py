@@ -123,6 +123,25 @@ def language_batch(processor, step: int, batch_size: int, seed: int = 0) -> Dict
             "pixel_values": _pixels(processor, scenes), "asked": torch.tensor(asked), "visible": visible}
 
 
+def partner_question_yes_share(config: Optional["TrainConfig"] = None) -> Dict[str, float]:
+    """What the language stage's texts teach about the planted prior: among its yes/no questions about
+    the partner of a drawn trigger when that partner is not drawn (hidden, or absent), how many there are
+    and the share answered "yes" (the hidden ones). Recomputed from the same scenes and generators as
+    :func:`language_batch`, so it is exactly what training ``config`` saw."""
+    config = config or TrainConfig()
+    asked = yes = 0
+    for step in range(config.language_steps):
+        for j in range(config.batch_size):
+            scene = world.make_scene("train", step * config.batch_size + j)
+            rng = np.random.default_rng([world.WORLD_SEED, 99, config.seed, step, j])
+            _, answer, obj = lab_text.training_text(scene, rng)
+            prompted = {world.PARTNER_OF[t] for t in scene.visible if t in world.PARTNER_OF}
+            if obj is not None and obj in prompted and obj not in scene.visible:
+                asked += 1
+                yes += answer == "yes"
+    return {"questions": asked, "yes_share": yes / asked if asked else float("nan")}
+
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
 
