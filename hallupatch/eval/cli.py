@@ -354,7 +354,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     """
     args = parse_args(argv)
     if args.benchmark in SUITES:
-        return SUITES[args.benchmark].run(args)
+        return SUITES[args.benchmark].run(args, run)
     if args.recipe_old_spelling:
         print("note: --family is now spelled --recipe (a family is the model structure hallupatch patches)",
               file=sys.stderr)
