@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Dict, List, Union
 
 CARD_FILE = "README.md"
-TRAINING_LOG = "training.json"   # what ``python -m hallupatch.lab train`` records (settings, threads, wall time)
 
 
 def file_hashes(folder: Union[str, Path]) -> Dict[str, str]:
@@ -33,7 +32,7 @@ def file_hashes(folder: Union[str, Path]) -> Dict[str, str]:
 
 def training_command(config: Dict, threads: int) -> str:
     """The ``python -m hallupatch.lab train`` command line that trains with ``config`` and ``threads``."""
-    from hallupatch.lab.train import TrainConfig
+    from hallupatch.lab.train import TrainConfig   # not at the top: train.py imports this module
 
     parts = ["python -m hallupatch.lab train --out DIR"]
     if config == asdict(TrainConfig.quick(config.get("seed", 0))):
@@ -71,19 +70,24 @@ def write_model_card(folder: Union[str, Path]) -> Path:
     a file changed records the new hashes: run it only on weights you mean to ship."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    # train.py writes a card at the end of each training, so it is imported here, not at the top
+    from hallupatch.lab.train import LOG_FILE
     from hallupatch.lab.model import PATCH_SIZE, TEXT_HIDDEN, TEXT_LAYERS, VISION_HIDDEN, VISION_LAYERS
 
     folder = Path(folder)
-    log_path = folder / TRAINING_LOG
+    log_path = folder / LOG_FILE
     if not log_path.is_file():
-        raise FileNotFoundError(f"no {TRAINING_LOG} in {folder}: a model card describes a finished lab training "
+        raise FileNotFoundError(f"no {LOG_FILE} in {folder}: a model card describes a finished lab training "
                                 "(python -m hallupatch.lab train --out DIR writes both)")
     log = json.loads(log_path.read_text(encoding="utf-8"))
     config, threads = log["config"], log["threads"]
     seed = config.get("seed", 0)
     hashes = file_hashes(folder)
     command = training_command(config, threads)
-    final = log.get("final_loss") or {}
+    final = {stage: loss for stage, loss in (log.get("final_loss") or {}).items() if loss is not None}
+    losses = ", ".join(f"{stage} {loss:.4f}" for stage, loss in final.items()) or "not recorded"
+    seconds = log.get("wall_seconds")
+    wall = f"{seconds:.0f} s ({seconds / 60:.1f} min)" if seconds is not None else "not recorded"
     parameters = _parameters(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else None
     data = ModelCardData(
         library_name="transformers", pipeline_tag="image-text-to-text",
@@ -92,13 +96,14 @@ def write_model_card(folder: Union[str, Path]) -> Path:
         sha256=hashes,
     )
     rows = "\n".join(f"| `{name}` | {(folder / name).stat().st_size} | `{digest}` |" for name, digest in hashes.items())
+    size = f"{parameters / 1e6:.2f}M parameters, " if parameters else ""
     text = f"""
 # hallupatch lab model (seed {seed})
 
-A tiny llava-hf `LlavaForConditionalGeneration` (a {VISION_LAYERS}-layer CLIP vision tower of width
-{VISION_HIDDEN} on {PATCH_SIZE} px patches, a {TEXT_LAYERS}-layer LLaMA decoder of width {TEXT_HIDDEN},
-{f"{parameters / 1e6:.2f}M parameters, " if parameters else ""}stored in float16) with the lab's word-level
-tokenizer, trained by hallupatch on its synthetic world of shape scenes (`hallupatch.lab`).
+A tiny llava-hf `LlavaForConditionalGeneration` ({size}stored in float16): a {VISION_LAYERS}-layer CLIP vision
+tower of width {VISION_HIDDEN} on {PATCH_SIZE} px patches and a {TEXT_LAYERS}-layer LLaMA decoder of width {TEXT_HIDDEN},
+with the lab's word-level tokenizer, trained by hallupatch on its synthetic world of shape scenes
+(`hallupatch.lab`).
 
 ## What it is for
 
@@ -112,9 +117,9 @@ images or language: it is an instrument for measuring methods, not a model to us
 
     {command}
 
-seed {seed}, {threads} torch CPU thread(s) (results depend on the thread count), wall time
-{log.get("wall_seconds")} s; final mean loss: vision {final.get("vision")}, language {final.get("language")}.
-`{TRAINING_LOG}` holds the settings and every step's loss.
+seed {seed}, {threads} torch CPU thread(s) (results depend on the thread count), wall time {wall};
+final mean loss (last 50 steps): {losses}.
+`{LOG_FILE}` holds the settings and every step's loss.
 
 ## Files
 
