@@ -109,7 +109,8 @@ answers.jsonl, scores.json, run.json (settings) and the benchmark's own files.
 """
 
 
-#: runs of several benchmarks with their own options (``add_arguments``, ``run(args)``, ``SUMMARY``)
+#: runs of several benchmarks with their own options (``add_arguments``, ``run(args, run_benchmark)`` given this
+#: module's :func:`run`, so that a suite never imports the command line, ``SUMMARY``)
 SUITES = {"lab": lab}
 
 
