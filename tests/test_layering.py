@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LAB_MODULES = sorted(f"hallupatch.lab.{p.stem}" for p in (ROOT / "hallupatch" / "lab").glob("*.py")
                      if p.stem != "__init__")
-COMMAND_LINE = ("hallupatch.eval.cli", "hallupatch.eval.lab")
+# the command line, and its built-in model (which imports the lab's settings)
+COMMAND_LINE = ("hallupatch.eval.cli", "hallupatch.eval.lab", "hallupatch.eval.embedded")
 API = ("hallupatch.eval.harness", "hallupatch.eval.tasks", "hallupatch.eval.models", "hallupatch.eval.store")
 
 
@@ -62,6 +63,7 @@ def test_the_harness_api_never_imports_the_command_line(name):
 
 
 def test_eval_lab_does_not_import_the_cli_that_lists_it():
+    """``python -m hallupatch.eval`` lists the suite; the suite gets the benchmark runner passed in."""
     found = [m for m in imported_modules(ROOT / "hallupatch" / "eval" / "lab.py") if m.startswith("hallupatch.eval.cli")]
     assert not found
 
