@@ -28,7 +28,6 @@ DEFAULT_OUTPUT = Path("hallupatch_output") / "lab"
 DEV_QUESTIONS = 100          # dev questions per threshold when choosing MemVR's threshold
 PROFILE_QUESTIONS = 100      # questions per POPE split for the entropy profile
 ENTROPY_CEILING = math.log(2) / math.log(10)   # normalised top-10 entropy once the mass is on {yes, no}
-SUMMARY = "every method on the lab (POPE and CHAIR, test split), side by side, with a plot"
 SCREEN_FILE = "lab.txt"      # what the suite printed
 FACTS_FILE = "lab_run.json"  # what its header says about the run
 
@@ -37,6 +36,10 @@ def lab_tasks() -> Dict[str, Type[Task]]:
     """The benchmarks the suite runs: every registered task that declares its part in the lab
     (``Task.lab_options``), in the registry's order."""
     return {name: task for name, task in registered_tasks().items() if task.lab_options is not None}
+
+
+SUMMARY = (f"every method on the lab ({' and '.join(task.title for task in lab_tasks().values())}, test split), "
+           "side by side, with a plot")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
