@@ -16,8 +16,9 @@ setup(
     # The family specs and the drop-in modeling files live at the top level of the repository
     # (the product's layout) and are installed inside the package.
     package_dir={"hallupatch.patches": "patches", "hallupatch.dropin": "modeling"},
-    # the lab's trained checkpoint (fp16 safetensors + processor files) ships inside the package
-    package_data={"hallupatch.dropin": ["*.py"], "hallupatch": ["data/*"], "hallupatch.lab": ["checkpoint/*"],
+    # the lab's trained checkpoints (fp16 safetensors, processor files, training.json and the model card
+    # README.md with every file's sha256) ship inside the package: the default one and one per extra seed
+    package_data={"hallupatch.dropin": ["*.py"], "hallupatch": ["data/*"], "hallupatch.lab": ["checkpoint/*", "seeds/*/*"],
                   "hallupatch.lmms": ["lab_tasks/*"]},
     install_requires=[
         "transformers==4.40.0",

@@ -109,7 +109,8 @@ answers.jsonl, scores.json, run.json (settings) and the benchmark's own files.
 """
 
 
-#: runs of several benchmarks with their own options (``add_arguments``, ``run(args)``, ``SUMMARY``)
+#: runs of several benchmarks with their own options (``add_arguments``, ``run(args, run_benchmark)`` given this
+#: module's :func:`run`, so that a suite never imports the command line, ``SUMMARY``)
 SUITES = {"lab": lab}
 
 
@@ -354,7 +355,7 @@ def run(argv: Optional[Sequence[str]] = None, backend=None,
     """
     args = parse_args(argv)
     if args.benchmark in SUITES:
-        return SUITES[args.benchmark].run(args)
+        return SUITES[args.benchmark].run(args, run)
     if args.recipe_old_spelling:
         print("note: --family is now spelled --recipe (a family is the model structure hallupatch patches)",
               file=sys.stderr)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
+from hallupatch.lab.settings import METHOD_KNOBS
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -44,12 +46,9 @@ def lab_backend(path: Optional[Union[str, Path]] = None):
     return LlavaHFBackend(model, processor, RECIPES["llava-hf"], name=name)
 
 
-# The lab's decoder has 6 layers: MemVR checks after layers 1..4 and retraces in layers 2..5.
-from hallupatch.lab.measure import MEMVR_LAYERS as LAB_MEMVR_WINDOW  # noqa: E402  (one place for the window)
+# the lab's knobs (e.g. MemVR's layer window: its decoder has 6 layers) live with the lab
 LAB = EmbeddedModel("hallupatch-lab", lab_backend, batch_size=32, answer_tokens=4, caption_tokens=24,
-                    method_knobs={"memvr": LAB_MEMVR_WINDOW,
-                                  # PAI amplifies layers 2..end; its published end (32) is LLaVA-7B's depth
-                                  "pai": {"end_layer": 6}})
+                    method_knobs=METHOD_KNOBS)
 
 
 def builtin_model() -> EmbeddedModel:

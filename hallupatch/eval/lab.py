@@ -16,54 +16,30 @@ import json
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Type
 
-from hallupatch.eval.embedded import LAB, LAB_MEMVR_WINDOW, lab_backend
+from hallupatch.eval.embedded import LAB, lab_backend
 from hallupatch.eval.harness import SCREEN_WIDTH, Variant
 from hallupatch.eval.models import THREADS_HELP, choose_threads
-from hallupatch.eval.stats import wilson_interval
-from hallupatch.methods.opera import FAST as OPERA_FAST
+from hallupatch.eval.tasks import Task, registered_tasks
+from hallupatch.lab.settings import DIAGNOSTIC, variants   # the settings compared are the lab's
 
-BENCHMARKS = ("pope", "chair")
 DEFAULT_OUTPUT = Path("hallupatch_output") / "lab"
 DEV_QUESTIONS = 100          # dev questions per threshold when choosing MemVR's threshold
-CAPTION_IMAGES = 100         # lab CHAIR images captioned per method
 PROFILE_QUESTIONS = 100      # questions per POPE split for the entropy profile
 ENTROPY_CEILING = math.log(2) / math.log(10)   # normalised top-10 entropy once the mass is on {yes, no}
-SUMMARY = "every method on the lab (POPE and CHAIR, test split), side by side, with a plot"
 SCREEN_FILE = "lab.txt"      # what the suite printed
 FACTS_FILE = "lab_run.json"  # what its header says about the run
-#: in ``eval lab --full`` only, so that the main job stays under 3 minutes on two busy cores: the settings
-#: that explain a method rather than compare it (MemVR firing at once, DoLa with the final norm, OPERA's fast
-#: setting) and OPERA (a 5-beam search with a forward of every candidate: the full run's largest share)
-DIAGNOSTIC = ("memvr threshold 0", "dola low +norm", "dola high +norm", "opera", "opera fast")
 
 
-def variants(dev_threshold: float, full: bool = True) -> Dict[str, Variant]:
-    """The settings compared (labels -> variants); MemVR checks after the lab's layers 1..4.
+def lab_tasks() -> Dict[str, Type[Task]]:
+    """The benchmarks the suite runs: every registered task that declares its part in the lab
+    (``Task.lab_options``), in the registry's order."""
+    return {name: task for name, task in registered_tasks().items() if task.lab_options is not None}
 
-    Each method at its published knobs (MemVR also at its dev-chosen threshold, layer contrast also at
-    the high layers); ``full`` adds :data:`DIAGNOSTIC` (OPERA and the diagnostic settings), which the main
-    job leaves out to stay quick (``eval lab --full`` runs them)."""
-    window = dict(LAB_MEMVR_WINDOW)
-    chosen = {
-        "none": Variant("none"),
-        "memvr": Variant("memvr", window),                                  # published threshold 0.75
-        "memvr threshold 0": Variant("memvr", {**window, "entropy_threshold": 0.0}),  # fires at once
-        f"memvr threshold {dev_threshold:g} (dev)": Variant("memvr", {**window, "entropy_threshold": dev_threshold}),
-        "dola low": Variant("dola", {"candidate_layers": "low"}),           # published: no final norm
-        "dola high": Variant("dola", {"candidate_layers": "high"}),
-        "dola low +norm": Variant("dola", {"candidate_layers": "low", "early_exit_norm": True}),
-        "dola high +norm": Variant("dola", {"candidate_layers": "high", "early_exit_norm": True}),
-        "memvr+dola": Variant("memvr+dola", {**window, "entropy_threshold": dev_threshold, "candidate_layers": "low"}),
-        "vcd": Variant("vcd", {"noise_seed": 0}),   # published alpha 1, beta 0.1, step 500; noise fixed per run
-        "icd": Variant("icd"),
-        "m3id": Variant("m3id"),
-        "pai": Variant("pai", dict(LAB.method_knobs["pai"])),   # end_layer = the lab's depth; published alpha, gamma
-        "opera": Variant("opera"),                                          # published knobs, 5 beams
-        "opera fast": Variant("opera", dict(OPERA_FAST)),                   # threshold 25, 1 candidate
-    }
-    return chosen if full else {label: v for label, v in chosen.items() if label not in DIAGNOSTIC}
+
+SUMMARY = (f"every method on the lab ({' and '.join(task.title for task in lab_tasks().values())}, test split), "
+           "side by side, with a plot")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,14 +85,16 @@ def choose_threshold(out: Path, backend, questions: int = DEV_QUESTIONS, overwri
     return float(threshold)
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace, run_benchmark: Callable[..., Any]) -> Dict[str, Any]:
     """Run the suite; returns ``{benchmark: {"methods": ..., "comparison": ...}, "dev_threshold": t}``.
+
+    ``run_benchmark``: the command line's runner of one benchmark (``hallupatch.eval.cli.run``: argv,
+    ``backend``, ``variants``), passed in by the command line, which lists this suite among its commands.
 
     It prints one screen: a header (model, data, decoding, MemVR's dev choice, each setting's knobs), one
     comparison table per benchmark, MemVR's entropy profile and where the details are. That text is a
     function of the output folder (:func:`render`; the run's facts in ``lab_run.json``) and is also
     written to ``<output>/lab.txt``; each setting's own tables are in its folder's ``report.txt``."""
-    from hallupatch.eval import cli
     from hallupatch.eval.store import check_output_folder, write_json
 
     for flag in ("limit", "threads"):
@@ -139,12 +117,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     shared = [*(["--limit", str(args.limit)] if args.limit else []), *(["--overwrite"] if args.overwrite else []),
               *(["--no-progress"] if args.no_progress else []), "--batch-size", str(LAB.batch_size)]
     results: Dict[str, Any] = {"dev_threshold": threshold}
-    for benchmark in BENCHMARKS:
-        tokens = LAB.max_new_tokens(free_text=benchmark == "chair")
-        extra = ["--max-new-tokens", str(tokens), *(["--num-images", str(CAPTION_IMAGES)] if benchmark == "chair" else [])]
+    for benchmark, task in lab_tasks().items():
+        extra = ["--max-new-tokens", str(LAB.max_new_tokens(free_text=task.free_text)), *task.lab_options]
         with contextlib.redirect_stdout(io.StringIO()):   # its table is part of the screen rendered below
-            results[benchmark] = cli.run([benchmark, "--output", str(out / benchmark), *extra, *shared],
-                                         backend=backend, variants=chosen)
+            results[benchmark] = run_benchmark([benchmark, "--output", str(out / benchmark), *extra, *shared],
+                                               backend=backend, variants=chosen)
     profile = entropy_profile(backend, args.limit or PROFILE_QUESTIONS)
     (out / "entropy_profile.json").write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
     results["entropy_profile"] = profile
@@ -192,7 +169,7 @@ def render_header(facts: Mapping[str, Any]) -> str:
         f"model     {facts['model']}: {facts['parameters'] / 1e6:.1f}M parameters, {facts['dtype']} on "
         f"{facts['device']}",
         f"threads   {facts['threads']}",
-        "data      the lab's test split: POPE (random, popular, adversarial) and CHAIR captions",
+        f"data      the lab's test split: {' and '.join(task.lab_data for task in lab_tasks().values())}",
         *([f"limit     the first {facts['limit']} questions of each benchmark"] if facts["limit"] else []),
         f"decoding  greedy; {LAB.answer_tokens} new tokens for yes/no, {LAB.caption_tokens} for captions",
         f"dev       {dev}",
@@ -209,13 +186,12 @@ def render_header(facts: Mapping[str, Any]) -> str:
 def render_results(out: Path, facts: Mapping[str, Any]) -> str:
     """One comparison table per benchmark, MemVR's entropy profile and where the files are."""
     from hallupatch.eval.harness import details_line, format_comparison
-    from hallupatch.eval.tasks import get_task
 
     shown = Path(facts["output"])   # paths as the user gave them
     blocks = []
-    for benchmark in BENCHMARKS:
+    for benchmark, task in lab_tasks().items():
         comparison = json.loads((Path(out) / benchmark / "comparison.json").read_text(encoding="utf-8"))
-        blocks.append(format_comparison(comparison, get_task(benchmark).screen_columns) + "\n"
+        blocks.append(format_comparison(comparison, task.screen_columns) + "\n"
                       + details_line(shown / benchmark))
     profile = json.loads((Path(out) / "entropy_profile.json").read_text(encoding="utf-8"))
     blocks.append(
@@ -230,12 +206,9 @@ def render_results(out: Path, facts: Mapping[str, Any]) -> str:
 def entropy_profile(backend, questions: int) -> Dict[str, Dict[str, float]]:
     """MemVR's trigger signal after each checked layer on the answer's pass of lab POPE questions
     (test split: adversarial and random), as ``{layer: {"mean", "max"}}``."""
-    from hallupatch.lab import questions as lab_questions
-    from hallupatch.lab.measure import entropy_profile as measure_profile
+    from hallupatch.lab.measure import split_entropy_profile
 
-    qs = lab_questions.pope_questions("test", "adversarial", questions) + \
-        lab_questions.pope_questions("test", "random", questions)
-    profile = measure_profile(backend.model, backend.processor, qs)
+    profile = split_entropy_profile(backend.model, backend.processor, questions)
     return {str(layer): values for layer, values in profile.items()}
 
 
@@ -264,66 +237,32 @@ def plot(out: Path, results: Mapping[str, Any]) -> Path:
 
 
 def figure(out: Path, results: Mapping[str, Any]):
-    """The ``lab.png`` figure: POPE accuracy per split with 95% Wilson intervals; CHAIR's change against the
-    baseline with the 95% bootstrap interval of that paired difference; MemVR's entropy profile on the
-    yes/no answers; after which decoder layer MemVR fired; which hidden state DoLa contrasted. Every layer
-    axis names its convention (0-based decoder layer, or hidden-state index) and has integer ticks."""
+    """The ``lab.png`` figure: in the top row each suite task's panel (:meth:`Task.lab_panel`: POPE
+    accuracy per split with 95% Wilson intervals; CHAIR's change against the baseline with the 95%
+    bootstrap interval of that paired difference); below, MemVR's entropy profile on the yes/no answers,
+    after which decoder layer MemVR fired and which hidden state DoLa contrasted (read from the answers of
+    the task that declares ``lab_traces``). Every layer axis names its convention (0-based decoder layer,
+    or hidden-state index) and has integer ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from hallupatch.eval.scoring import parse_pope_answer
-
-    pope, chair = results["pope"]["comparison"], results["chair"]["comparison"]
-    pope_dirs = _folders(out, "pope", pope)
-    labels = list(pope["methods"])
-    baseline = chair["baseline"]
+    tasks = {name: task() for name, task in lab_tasks().items()}
+    folders = {name: _folders(out, name, results[name]["comparison"]) for name in tasks}
+    traced = next(name for name, task in tasks.items() if task.lab_traces)
+    trace_dirs, trace_title = folders[traced], tasks[traced].title
+    labels = list(results[traced]["comparison"]["methods"])
     fig = plt.figure(figsize=(16, 10))
-    grid = fig.add_gridspec(2, 6)
+    columns = math.lcm(len(tasks), 3)   # the top row: one panel per task; the bottom row: three
+    grid = fig.add_gridspec(2, columns)
+    span = columns // len(tasks)
+    for i, (name, task) in enumerate(tasks.items()):
+        task.lab_panel(fig.add_subplot(grid[0, i * span:(i + 1) * span]), results[name]["comparison"], folders[name])
 
-    ax = fig.add_subplot(grid[0, :3])
-    splits = ("random", "popular", "adversarial")
-    width = 0.8 / len(splits)
-    for k, split in enumerate(splits):
-        values, errors = [], [[], []]
-        for label in labels:
-            rows = [r for r in _answers(pope_dirs[label]) if r["group"] == split]
-            right = sum(parse_pope_answer(r["text"]) == r["answer"] for r in rows)
-            low, high = wilson_interval(right, len(rows))
-            acc = right / len(rows) if rows else float("nan")
-            values.append(100 * acc)
-            errors[0].append(100 * (acc - low))
-            errors[1].append(100 * (high - acc))
-        ax.bar([i + k * width for i in range(len(labels))], values, width, yerr=errors, capsize=2, label=split)
-    ax.set_xticks([i + width for i in range(len(labels))], labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 118)   # room for the legend above the bars
-    ax.set_ylabel("POPE accuracy (%), 95% Wilson interval")
-    ax.set_title("POPE on the lab (test split)")
-    ax.legend(fontsize=8, loc="upper center", ncol=len(splits))
-
-    ax = fig.add_subplot(grid[0, 3:])
-    others = [label for label in chair["methods"] if label != baseline]
-    metrics = ("CHAIRs", "CHAIRi")
-    for k, metric in enumerate(metrics):
-        changes, errors = [], [[], []]
-        for label in others:
-            entry = chair["methods"][label]
-            change = entry["difference"][metric]
-            low, high = entry["test"][metric]["ci95"] if metric in entry.get("test", {}) else (change, change)
-            changes.append(change)
-            errors[0].append(0.0 if math.isnan(low) else max(0.0, change - low))
-            errors[1].append(0.0 if math.isnan(high) else max(0.0, high - change))
-        ax.bar([i + k * 0.4 for i in range(len(others))], changes, 0.4, yerr=errors, capsize=2, label=metric)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks([i + 0.2 for i in range(len(others))], others, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel(f"change against {baseline} (points)")
-    ax.set_title(f"CHAIR on the lab captions: method minus {baseline},\n95% paired bootstrap interval "
-                 "(lower is fewer hallucinated objects)", fontsize=10)
-    ax.legend(fontsize=8)
-
-    ax = fig.add_subplot(grid[1, :2])
+    third = columns // 3
+    ax = fig.add_subplot(grid[1, :third])
     profile = results["entropy_profile"]
     layers = sorted(profile, key=int)
     ax.plot([int(l) for l in layers], [profile[l]["mean"] for l in layers], "o-", label="mean")
@@ -336,15 +275,15 @@ def figure(out: Path, results: Mapping[str, Any]):
     ax.set_title("MemVR's trigger signal on POPE answers", fontsize=10)
     ax.legend(fontsize=8)
 
-    memvr = {label: [l for r in _answers(pope_dirs[label]) for l in r.get("memvr", {}).get("trigger_layers", [])
+    memvr = {label: [l for r in _answers(trace_dirs[label]) for l in r.get("memvr", {}).get("trigger_layers", [])
                      if l is not None] for label in labels}
-    dola = {label: [l for r in _answers(pope_dirs[label]) for l in r.get("dola_layers", [])] for label in labels}
-    _layer_dots(fig.add_subplot(grid[1, 2:4]), {k: v for k, v in memvr.items() if any(
-        "memvr" in r for r in _answers(pope_dirs[k]))}, "0-based decoder layer MemVR fired after",
-        "Where MemVR fired (POPE)", MaxNLocator)
-    _layer_dots(fig.add_subplot(grid[1, 4:]), {k: v for k, v in dola.items() if any(
-        "dola_layers" in r for r in _answers(pope_dirs[k]))}, "premature layer (hidden-state index)",
-        "Which layer DoLa contrasted (POPE)", MaxNLocator)
+    dola = {label: [l for r in _answers(trace_dirs[label]) for l in r.get("dola_layers", [])] for label in labels}
+    _layer_dots(fig.add_subplot(grid[1, third:2 * third]), {k: v for k, v in memvr.items() if any(
+        "memvr" in r for r in _answers(trace_dirs[k]))}, "0-based decoder layer MemVR fired after",
+        f"Where MemVR fired ({trace_title})", MaxNLocator)
+    _layer_dots(fig.add_subplot(grid[1, 2 * third:]), {k: v for k, v in dola.items() if any(
+        "dola_layers" in r for r in _answers(trace_dirs[k]))}, "premature layer (hidden-state index)",
+        f"Which layer DoLa contrasted ({trace_title})", MaxNLocator)
 
     fig.tight_layout()
     return fig

@@ -5,12 +5,16 @@ trained on it and shipped with the package, and writers of its data in benchmark
     model, processor = load_lab_model()          # the shipped checkpoint, offline
     write_pope("lab-pope", split="test")         # coco_pope_{random,popular,adversarial}.json + images/
 """
-from hallupatch.lab.model import CHECKPOINT_DIR, build_model, build_processor, load_lab_model, save_checkpoint
+from hallupatch.lab.card import verify_checkpoint, write_model_card
+from hallupatch.lab.model import (
+    CHECKPOINT_DIR, SHIPPED_CHECKPOINTS, build_model, build_processor, load_lab_model, save_checkpoint,
+)
 from hallupatch.lab.world import (
     OBJECTS, PAIRS, PARTNER_OF, SPLITS, Scene, make_scene, render, scenes,
 )
 
 __all__ = [
-    "CHECKPOINT_DIR", "build_model", "build_processor", "load_lab_model", "save_checkpoint",
+    "CHECKPOINT_DIR", "SHIPPED_CHECKPOINTS", "build_model", "build_processor", "load_lab_model", "save_checkpoint",
+    "verify_checkpoint", "write_model_card",
     "OBJECTS", "PAIRS", "PARTNER_OF", "SPLITS", "Scene", "make_scene", "render", "scenes",
 ]

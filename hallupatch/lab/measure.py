@@ -16,8 +16,8 @@ from hallupatch.lab import infer
 from hallupatch.lab import questions as lab_questions
 from hallupatch.lab import text as lab_text
 from hallupatch.lab.model import load_lab_model
+from hallupatch.lab.settings import MEMVR_LAYERS, variants
 
-MEMVR_LAYERS = {"starting_layer": 0, "ending_layer": 5}  # checks 0-based layers 1..4 of 6
 # the normalised entropy lies in [0, 1]; on the lab's early layers it spans most of that range
 DEV_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -73,6 +73,14 @@ def entropy_profile(model, processor, qs: Sequence[lab_questions.YesNo], batch_s
                 for layer, h in sample.items():
                     values.setdefault(layer, []).append(h)
     return {layer: {"mean": sum(v) / len(v), "max": max(v)} for layer, v in sorted(values.items())}
+
+
+def split_entropy_profile(model, processor, questions: int, split: str = "test") -> Dict[int, Dict[str, float]]:
+    """:func:`entropy_profile` on the first ``questions`` adversarial and ``questions`` random POPE
+    questions of ``split`` (on test: the profile ``python -m hallupatch.eval lab`` shows)."""
+    qs = lab_questions.pope_questions(split, "adversarial", questions) + \
+        lab_questions.pope_questions(split, "random", questions)
+    return entropy_profile(model, processor, qs)
 
 
 def _trigger_layers(model) -> List[Optional[int]]:
@@ -160,8 +168,6 @@ def measure(model_path: Optional[str] = None, questions: int = 200, captions: in
     figures["memvr_dev_threshold"] = threshold
     out("== MemVR threshold on dev (adversarial accuracy): "
         + ", ".join(f"{t:g}: {s:.3f}" for t, s in dev_scores.items()) + f" -> {threshold:g}")
-    from hallupatch.eval.lab import variants  # the settings `python -m hallupatch.eval lab` compares
-
     rows = {}
     for name, variant in variants(threshold).items():
         method = None if variant.method == "none" else variant.method

@@ -3,7 +3,7 @@ and its ``LlavaProcessor``, small enough to train on two CPU cores and to ship i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple, Union
+from typing import Dict, Tuple, Union
 
 import torch
 
@@ -11,6 +11,9 @@ from hallupatch.lab.text import build_tokenizer
 from hallupatch.lab.world import IMAGE_SIZE
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+#: every lab checkpoint shipped in the package, by training seed (the default model is seed 0's); each
+#: folder has a model card listing its files' sha256 (``hallupatch.lab.card``), which the tests check
+SHIPPED_CHECKPOINTS: Dict[int, Path] = {0: CHECKPOINT_DIR}
 PATCH_SIZE = 8
 VISION_HIDDEN = 96
 VISION_LAYERS = 3

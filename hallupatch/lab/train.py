@@ -35,6 +35,7 @@ import torch
 
 from hallupatch.lab import text as lab_text
 from hallupatch.lab import world
+from hallupatch.lab.card import CARD_FILE, write_model_card
 from hallupatch.lab.model import TEXT_LAYERS, build_model, build_processor, save_checkpoint
 
 STATE_FILE = "train_state.pt"
@@ -217,7 +218,7 @@ class _TagHead(torch.nn.Module):
 
 #: what a training writes into its folder (the checkpoint, its log and the resumable state)
 TRAINING_FILES = ("config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
-                  "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", LOG_FILE, STATE_FILE)
+                  "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", LOG_FILE, STATE_FILE, CARD_FILE)
 _STATE_KEYS = ("config", "threads", "done", "stage", "model", "head", "probes", "optimizer", "scheduler", "losses",
                "elapsed")
 
@@ -385,4 +386,5 @@ def train(out: Union[str, Path], config: Optional[TrainConfig] = None, threads: 
            "final_loss": {k: (float(np.mean(v[-50:])) if v else None) for k, v in losses.items()}, "losses": losses}
     (out / LOG_FILE).write_text(json.dumps(log) + "\n", encoding="utf-8")
     state_path.unlink()
+    write_model_card(out)   # after the state file is gone: the card lists the files of the checkpoint only
     return out

@@ -43,6 +43,15 @@ class Task:
         screen_columns: the :meth:`headline` scores the printed comparison shows, with their column
             names (a table at most 100 characters wide); empty = every headline score under its own name.
             ``comparison.json`` always has them all.
+
+    What the lab suite (``python -m hallupatch.eval lab``, :mod:`hallupatch.eval.lab`) needs from a task
+    (declarative, so that the suite never names a benchmark):
+        lab_options: ``None``: not part of the suite; else the task's own options the suite passes when
+            it runs the task on the lab (e.g. how many lab images to caption), as command-line tokens.
+        lab_data: how the suite's header names this task's part of the lab's data.
+        lab_traces: the figure's layer panels (where MemVR fired, which layer DoLa contrasted) read the
+            per-answer traces of this task's answers.
+        :meth:`lab_panel`: the figure panel drawn from this task's comparison.
     """
 
     name: str = ""
@@ -54,6 +63,9 @@ class Task:
     paired_test: str = "mcnemar"
     details_file: Optional[str] = None
     screen_columns: Mapping[str, str] = {}
+    lab_options: Optional[Tuple[str, ...]] = None
+    lab_data: str = ""
+    lab_traces: bool = False
 
     def __init__(self, args: Optional[argparse.Namespace] = None):
         self.args = args
@@ -133,6 +145,12 @@ class Task:
     def result_note(self, out_dir: Path) -> str:
         """Where the extra results are, for the report's last line ("" for none)."""
         return f", per-answer details: {out_dir / self.details_file}" if self.details_file else ""
+
+    # -- the lab suite -------------------------------------------------------------------------------
+    def lab_panel(self, ax, comparison: Mapping[str, Any], folders: Mapping[str, Path]) -> None:
+        """For a task in the lab suite: draw its panel of ``lab.png`` on the matplotlib axes ``ax`` from
+        its ``comparison`` (``comparison.json``) and each compared setting's results folder (by label)."""
+        raise NotImplementedError
 
 
 def register_task(cls: Type[Task]) -> Type[Task]:

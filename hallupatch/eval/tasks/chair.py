@@ -7,6 +7,7 @@ Data: a COCO folder with ``annotations/{instances,captions}_<split>.json`` and `
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -23,6 +24,7 @@ CHAIR_PROMPT = "Please describe this image in detail."
 # OPERA's chair_eval.py generates with max_new_tokens=512; MemVR's released CHAIR scripts pass 1024.
 CHAIR_MAX_NEW_TOKENS = 512
 CHAIR_NUM_IMAGES = 500  # OPERA and MemVR caption 500 random val2014 images
+LAB_NUM_IMAGES = 100    # lab images captioned per setting by the lab suite (python -m hallupatch.eval lab)
 IMAGE_IDS_FILE = "chair_image_ids.json"
 
 
@@ -124,6 +126,8 @@ class CHAIR(Task):
     max_new_tokens = CHAIR_MAX_NEW_TOKENS
     paired_test = "bootstrap"
     details_file = "chair_captions.json"
+    lab_options = ("--num-images", str(LAB_NUM_IMAGES))
+    lab_data = "CHAIR captions"
 
     @classmethod
     def add_arguments(cls, group):
@@ -198,3 +202,25 @@ class CHAIR(Task):
 
     def metrics_from_stats(self, sums, count):
         return chair_from_stats(sums, count)
+
+    def lab_panel(self, ax, comparison, folders):
+        """CHAIRs and CHAIRi of each setting minus the baseline's, with the 95% paired bootstrap interval."""
+        baseline = comparison["baseline"]
+        others = [label for label in comparison["methods"] if label != baseline]
+        metrics = ("CHAIRs", "CHAIRi")
+        for k, metric in enumerate(metrics):
+            changes, errors = [], [[], []]
+            for label in others:
+                entry = comparison["methods"][label]
+                change = entry["difference"][metric]
+                low, high = entry["test"][metric]["ci95"] if metric in entry.get("test", {}) else (change, change)
+                changes.append(change)
+                errors[0].append(0.0 if math.isnan(low) else max(0.0, change - low))
+                errors[1].append(0.0 if math.isnan(high) else max(0.0, high - change))
+            ax.bar([i + k * 0.4 for i in range(len(others))], changes, 0.4, yerr=errors, capsize=2, label=metric)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks([i + 0.2 for i in range(len(others))], others, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(f"change against {baseline} (points)")
+        ax.set_title(f"CHAIR on the lab captions: method minus {baseline},\n95% paired bootstrap interval "
+                     "(lower is fewer hallucinated objects)", fontsize=10)
+        ax.legend(fontsize=8)

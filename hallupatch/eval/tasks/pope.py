@@ -163,6 +163,9 @@ class POPE(Task):
     # prior shows (adversarial: co-occurring absent objects) with its yes-ratio
     screen_columns = {"mean accuracy": "accuracy", "random F1": "random F1", "adversarial F1": "advers. F1",
                       "adversarial yes-ratio": "advers. yes%"}
+    lab_options = ()
+    lab_data = f"POPE ({', '.join(POPE_SPLITS)})"
+    lab_traces = True
 
     @classmethod
     def add_arguments(cls, group):
@@ -226,3 +229,28 @@ class POPE(Task):
 
     def item_correct(self, question, text):
         return parse_pope_answer(text) == question.answer
+
+    def lab_panel(self, ax, comparison, folders):
+        """Accuracy per split and setting, with 95% Wilson intervals, from each setting's answers."""
+        from hallupatch.eval.stats import wilson_interval
+        from hallupatch.eval.store import read_answers
+
+        labels = list(comparison["methods"])
+        answers = {label: read_answers(Path(folders[label]) / "answers.jsonl") for label in labels}
+        width = 0.8 / len(POPE_SPLITS)
+        for k, split in enumerate(POPE_SPLITS):
+            values, errors = [], [[], []]
+            for label in labels:
+                rows = [r for r in answers[label] if r["group"] == split]
+                right = sum(parse_pope_answer(r["text"]) == r["answer"] for r in rows)
+                low, high = wilson_interval(right, len(rows))
+                acc = right / len(rows) if rows else float("nan")
+                values.append(100 * acc)
+                errors[0].append(100 * (acc - low))
+                errors[1].append(100 * (high - acc))
+            ax.bar([i + k * width for i in range(len(labels))], values, width, yerr=errors, capsize=2, label=split)
+        ax.set_xticks([i + width for i in range(len(labels))], labels, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 118)   # room for the legend above the bars
+        ax.set_ylabel("POPE accuracy (%), 95% Wilson interval")
+        ax.set_title("POPE on the lab (test split)")
+        ax.legend(fontsize=8, loc="upper center", ncol=len(POPE_SPLITS))
