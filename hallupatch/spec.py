@@ -156,6 +156,15 @@ class FamilySpec:
     # weights as output[1] when called with output_attentions=True (OPERA reads the last layer's); None
     # where the family's attention cannot return them
     layer_attention: Optional[str] = None
+    # runs the ``layer_attention`` module with the family's eager formula and ``edit_scores`` applied to its
+    # pre-softmax scores ``(batch, heads, queries, keys)`` after the mask (PAI's site):
+    # ``eager_attention(module, original_forward, hidden_states, call_kwargs, edit_scores) -> module output``;
+    # None where the family has none
+    eager_attention: Optional[Callable[..., Any]] = None
+    # model inputs that hold every row's images without a batch dimension (Qwen2-VL's flat ``pixel_values``
+    # and ``image_grid_thw``), restricted to some rows: ``(model, input_ids, model_inputs, rows: slice) ->
+    # {name: value}``; None where every image input has a batch dimension
+    flat_inputs_of_rows: Optional[Callable[..., Dict[str, Any]]] = None
     # published per-method defaults for the family, e.g. {"memvr": {"starting_layer": 9}}; they
     # replace the config class's own defaults for knobs the user does not set
     method_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)

@@ -300,7 +300,10 @@ class Qwen2VLAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
-                output_attentions=False, use_cache=False, cache_position=None, position_embeddings=None):
+                output_attentions=False, use_cache=False, cache_position=None, position_embeddings=None,
+                edit_scores=None):
+        """``edit_scores`` (not in transformers; hallupatch's PAI site): a function applied to the pre-softmax
+        scores ``(batch, heads, queries, keys)`` after the mask; it selects the eager formula."""
         batch, length, _ = hidden_states.size()
         shape = (batch, length, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -315,7 +318,7 @@ class Qwen2VLAttention(nn.Module):
         value = repeat_kv(value, self.num_key_value_groups)
         mask = attention_mask[:, :, :, :key.shape[-2]] if attention_mask is not None else None
         weights = None
-        if self.attn_implementation == "sdpa" and not output_attentions:
+        if self.attn_implementation == "sdpa" and not output_attentions and edit_scores is None:
             if query.device.type == "cuda" and mask is not None:
                 query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
@@ -325,8 +328,14 @@ class Qwen2VLAttention(nn.Module):
             weights = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(self.head_dim)
             if mask is not None:
                 weights = weights + mask
+            elif length > 1:   # SDPA's causal flag stood for this mask (causal_mask_4d gave none)
+                future = torch.ones(length, key.shape[-2], dtype=torch.bool, device=weights.device)
+                future = future.triu(key.shape[-2] - length + 1)
+                weights = weights.masked_fill(future, torch.finfo(weights.dtype).min)
             if query.dtype == torch.float16:   # as transformers: keep -inf from turning a row into NaN
                 weights = torch.where(torch.isinf(weights), torch.zeros_like(weights), weights)
+            if edit_scores is not None:
+                weights = edit_scores(weights)
             weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
             weights = F.dropout(weights, p=self.attention_dropout, training=self.training)
             out = torch.matmul(weights, value)

@@ -1,6 +1,6 @@
 """VCD, ICD and M3ID on the Qwen2-VL / Qwen2.5-VL drop-ins (tiny checkpoints), against a plain loop written
 here: main and second branch as full forwards without cache, combined by each method's formula, argmax.
-PAI and OPERA stay refused on this family, saying why."""
+PAI and OPERA: tests/test_qwen2_vl_pai_opera.py."""
 import math
 
 import pytest
@@ -212,15 +212,6 @@ def test_videos_are_refused(loaded):
                            max_new_tokens=1)
     finally:
         hallupatch.remove(model)
-
-
-@pytest.mark.parametrize("method, why", [("pai", "eager attention formula"), ("opera", "attention weights")])
-def test_pai_and_opera_are_refused_saying_why(loaded, method, why):
-    model, _ = loaded
-    with pytest.raises(TypeError, match=why):
-        hallupatch.apply(model, method)
-    from hallupatch.engine import get_patch
-    assert get_patch(model) is None or method not in get_patch(model).methods
 
 
 def test_pope_runs_the_baselines_with_the_qwen2_vl_recipe(tmp_path):

@@ -42,6 +42,7 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from hallupatch.engine import GenerationState, Patch
 from hallupatch.methods import Method, MethodConfig, register_method
+from hallupatch.methods.image_positions import image_positions, runs
 from hallupatch.spec import ModelParts, bind_call, cache_length, get_path
 
 #: the fork fills every logit that is not a candidate (and every rejected pair) with this value
@@ -107,8 +108,8 @@ class OperaConfig(MethodConfig):
             raise TypeError(
                 f"OPERA needs the last layer's attention weights and the image span in the merged sequence, and "
                 f"{type(parts.model).__name__} (family {spec.name!r}) cannot give them: {reason}. OPERA supports "
-                "LLaVA models (LlavaForConditionalGeneration, the original LLaVA LlavaLlamaForCausalLM) and "
-                "LlavaNextForConditionalGeneration"
+                "LLaVA models (LlavaForConditionalGeneration, the original LLaVA LlavaLlamaForCausalLM), "
+                "LlavaNextForConditionalGeneration and Qwen2-VL / Qwen2.5-VL (hallupatch's drop-in files)"
             )
 
 
@@ -160,11 +161,20 @@ class OperaTrace:
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """OPERA's ``key_position`` of one sample in its merged (image-expanded) sequence."""
+    """OPERA's ``key_position`` of one sample in its merged (image-expanded) sequence. The image attention
+    sums the columns ``image_start..image_end``, or exactly ``image_positions`` when the visual tokens are not
+    one run (Qwen2-VL with several images: every ``<|image_pad|>``; the published code knows one run)."""
 
     image_start: int
     image_end: int          # inclusive
     response_start: int     # the merged prompt length
+    image_positions: Tuple[int, ...] = ()   # set only when the visual tokens are not one run
+
+    def image_attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """The attention rows' sum over the image columns ``(..., keys) -> (...)``."""
+        if self.image_positions:
+            return rows[..., list(self.image_positions)].sum(-1)
+        return rows[..., self.image_start:self.image_end + 1].sum(-1)
 
 
 def column_scores(window: torch.Tensor, scale_factor: float) -> torch.Tensor:
@@ -278,6 +288,7 @@ class Opera:
         self.candidate_cache = CandidateCache(
             patch, [get_path(layer, self.parts.spec.layer_attention) for layer in self.parts.layers])
         self.prompt_embeds: Optional[torch.Tensor] = None   # the decoder's input at the latest prefill
+        self.prompt_positions: Optional[torch.Tensor] = None   # and its position ids (None: the default)
         patch.hook(self.parts.pass_start, self._decoder_input, pre=True, with_kwargs=True)
         patch.wrap_method(patch.model, "_get_logits_processor", self._get_logits_processor)
         patch.wrap_method(patch.model, "_beam_search", self._beam_search)
@@ -289,6 +300,7 @@ class Opera:
         embeds = call.get("inputs_embeds")
         if embeds is not None and cache_length(call.get("past_key_values")) == 0:
             self.prompt_embeds = embeds.detach()
+            self.prompt_positions = call.get("position_ids")
 
     # -- generate()'s configuration ---------------------------------------------------------------
     def _get_logits_processor(self, original, *args, **kwargs):
@@ -336,6 +348,9 @@ class Opera:
         for sample in range(batch_size):
             rows = slice(sample * num_beams, (sample + 1) * num_beams)
             ids, sample_kwargs, dropped = _sample_inputs(input_ids, model_kwargs, rows, batch_size * num_beams)
+            flat = self.parts.spec.flat_inputs_of_rows
+            if flat is not None and batch_size > 1:
+                sample_kwargs.update(flat(model, input_ids, model_kwargs, rows))
             scorer = _sample_scorer(beam_scorer, dropped)
             criteria = _sample_criteria(options.get("stopping_criteria"), dropped)
             search = _SampleSearch(self, model, ids, scorer, criteria, options, sample_kwargs)
@@ -479,28 +494,33 @@ class _SampleSearch:
         return rows.reshape(beams, n, -1)
 
     def _image_span(self, input_ids: torch.Tensor, merged_length: int) -> ImageSpan:
-        """``key_position`` as OPERA's LLaVA wrapper computes it, in this sample's merged sequence. A generation
-        from ``inputs_embeds`` alone (the newer original-LLaVA ``generate``, which splices the image itself)
-        has no ids: the image starts where the visual tokens sit in those embeddings."""
+        """``key_position`` as OPERA's LLaVA wrapper computes it, in this sample's merged sequence
+        (``image_positions``: LLaVA's ``<image>`` expanded at merge time, or Qwen2-VL's ``<|image_pad|>``
+        already expanded in the ids). A generation from ``inputs_embeds`` alone (the newer original-LLaVA
+        ``generate``, which splices the image itself) has no ids: the image starts where the visual tokens sit
+        in those embeddings."""
         patch, spec = self.opera.patch, self.opera.parts.spec
         memory = patch.generation.visual_memory
         visual = memory[0] if memory else None   # every beam of the sample has its image
         if input_ids.shape[1] == 0:
             places = [] if visual is None else _rows_at(self.opera.prompt_embeds[0], visual)
-            per_image, what = 1, "image(s) among its input embeddings"
+            if len(places) != 1:
+                raise ValueError(
+                    "OPERA needs exactly one image per sample (its key_position holds one image span); this sample "
+                    f"has {len(places) if visual is not None else 0} image(s) among its input embeddings"
+                )
+            n_visual = visual.shape[0]
+            positions = torch.arange(places[0], places[0] + n_visual)
+            merged = self.opera.prompt_embeds.shape[1]
         else:
-            token, per_image = spec.image_token_id(patch.model), spec.tokens_per_image(patch.model)
-            places, what = (input_ids[0] == token).nonzero().flatten().tolist(), "image token(s) in input_ids"
-        if len(places) != per_image or visual is None:
-            raise ValueError(
-                f"OPERA needs exactly one image per sample (its key_position holds one image span); this sample "
-                f"has {len(places) // max(per_image, 1) if visual is not None else 0} {what}"
-            )
-        n_visual = visual.shape[0]
-        start = places[0]
-        merged = self.opera.prompt_embeds.shape[1] if input_ids.shape[1] == 0 else \
-            input_ids.shape[1] - per_image + n_visual
-        span = ImageSpan(start, start + n_visual - 1, merged)
+            token = spec.image_token_id(patch.model)
+            if visual is None or not bool((input_ids[0] == token).any()):
+                raise ValueError("OPERA needs exactly one image per sample (its key_position holds one image "
+                                 "span); this sample has no image")
+            positions, merged = image_positions(input_ids[0].cpu(), token, visual.shape[0], "opera")
+        start, end = int(positions[0]), int(positions[-1])
+        several = runs(positions) > 1
+        span = ImageSpan(start, end, merged, tuple(positions.tolist()) if several else ())
         if span.response_start != merged_length:
             raise RuntimeError(
                 f"OPERA computed a merged prompt of {span.response_start} positions but the model cached "
@@ -552,6 +572,7 @@ class _SampleSearch:
             if prefill:
                 span = self._image_span(input_ids, cache_length(outputs.past_key_values))
                 prompt_embeds = self.opera.prompt_embeds[:1]
+                prompt_positions = self.opera.prompt_positions
                 rows = torch.zeros((num_beams, 0, 0), dtype=torch.float32, device=input_ids.device)
             else:
                 rows = _append_row(rows[beam_idx], new_row, span.response_start)
@@ -569,7 +590,7 @@ class _SampleSearch:
             window = _window(rows.to(candidate_rows.dtype), candidate_rows[..., span.response_start:])
             local_scores = column_scores(window, cfg.scale_factor)
             n_columns = window.shape[-1]
-            image_attention = candidate_rows[..., span.image_start:span.image_end + 1].sum(-1)
+            image_attention = span.image_attention(candidate_rows)
             rollback_scores, rollback_locations = local_scores.max(-1)          # (beams, N)
             beam_locations = rollback_locations.mode().values                   # (beams,)
             location = int(beam_locations.mode().values)
@@ -603,7 +624,8 @@ class _SampleSearch:
                 kept = back.cur_len - prompt_length   # steps recorded before the position chosen again
                 for recorded in (scores, raw_logits, attentions, hidden_states):
                     del recorded[kept:]
-                outputs, model_kwargs = self._choose_again(input_ids, prompt_length, prompt_embeds, original_kwargs)
+                outputs, model_kwargs = self._choose_again(input_ids, prompt_length, prompt_embeds, prompt_positions,
+                                                           original_kwargs)
                 logits = outputs.logits[:, -1, :]
                 raw = logits.clone() if output_logits else None
                 history.pop(-1)
@@ -689,16 +711,22 @@ class _SampleSearch:
         return target
 
     def _choose_again(self, input_ids: torch.Tensor, prompt_length: int, prompt_embeds: torch.Tensor,
-                      original_kwargs: Dict[str, Any]):
+                      prompt_positions: Optional[torch.Tensor], original_kwargs: Dict[str, Any]):
         """The fork's two forwards after a rollback: the sequence but its last token from scratch, then the last
         token on that cache. The first starts from the prompt's merged embeddings (the fork re-merges the image
-        into the prompt; the response stays text either way), followed by the response's token embeddings."""
+        into the prompt; the response stays text either way), followed by the response's token embeddings, at
+        the prefill's positions continued by the response's (:func:`continued_positions`: Qwen2-VL's M-RoPE
+        positions of the image cannot be told from embeddings)."""
         beams = input_ids.shape[0]
         response = self.model.get_input_embeddings()(input_ids[:, prompt_length:-1])
         embeds = torch.cat([prompt_embeds.expand(beams, -1, -1).to(response.dtype), response], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=input_ids.device)
+        positions = {}
+        if prompt_positions is not None:
+            positions["position_ids"] = continued_positions(prompt_positions, response.shape[1], beams)
         with _side_pass(self.opera.patch):
-            first = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, return_dict=True)
+            first = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, return_dict=True,
+                               **positions)
         # generate()'s bookkeeping as it stands after the prompt and the `generated - 1` steps before this one
         generated = input_ids.shape[1] - prompt_length
         kwargs = dict(original_kwargs)
@@ -709,6 +737,16 @@ class _SampleSearch:
         kwargs["cache_position"] = kwargs["cache_position"][-1:] + generated
         outputs, _ = self._forward(input_ids, kwargs, read_attention=False)
         return outputs, kwargs
+
+
+def continued_positions(prompt: torch.Tensor, response_length: int, beams: int) -> torch.Tensor:
+    """A prefill's position ids ``(..., rows, length)`` (llama: ``(rows, L)``; Qwen2-VL's M-RoPE:
+    ``(3, rows, L)``), first row, followed by ``response_length`` text positions that continue from the
+    prompt's largest position on every axis (as decoding steps place them), repeated for ``beams`` rows."""
+    first = prompt[..., :1, :]
+    response = first.amax(dim=-1, keepdim=True) + 1 + torch.arange(response_length, device=prompt.device)
+    positions = torch.cat([first, response.to(first.dtype)], dim=-1)
+    return positions.expand(*positions.shape[:-2], beams, positions.shape[-1])
 
 
 def _rows_at(sequence: torch.Tensor, block: torch.Tensor) -> List[int]:

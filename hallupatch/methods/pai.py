@@ -3,8 +3,12 @@
 Two parts, each switchable as published:
 
 - ``use_attn``: in decoder layers ``range(start_layer, end_layer)``, all heads, the last query row's
-  pre-softmax scores over the image positions (after the mask) become ``w + alpha |w|``. The scores are
-  computed by hallupatch's own eager attention in those layers, whatever ``attn_implementation`` the model
+  pre-softmax scores over the image positions (after the mask) become ``w + alpha |w|``. The image positions
+  are where the sample's visual tokens sit in the decoder's sequence (``image_positions``): LLaVA's expanded
+  ``<image>`` (one run, as published); on Qwen2-VL every ``<|image_pad|>`` of the prompt, which with several
+  images means all of them (the published code knows one run per prompt; its wrapper tokens
+  ``<|vision_start|>`` / ``<|vision_end|>`` are not image positions). The scores are computed by the family's
+  eager attention (``FamilySpec.eager_attention``) in those layers, whatever ``attn_implementation`` the model
   uses (the published patch runs the eager formula even on an sdpa model, where transformers passes no
   causal mask at prefill; here the causal mask is always applied, so results are the published eager ones).
 - ``use_cfg``: a logits processor after transformers' own processors (before the warpers):
@@ -18,19 +22,19 @@ in the branch state and only the processor's first call leaves it); ``gamma == 1
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from torch import nn
 
 from hallupatch.engine import Patch
 from hallupatch.methods import Method, MethodConfig, register_method
 from hallupatch.methods.two_branch import (
     BranchPrompt, GenerateCall, TwoBranch, check_alpha, check_family, image_free_prompt,
 )
-from hallupatch.spec import PassInfo
+from hallupatch.methods.image_positions import image_positions
+from hallupatch.spec import PassInfo, get_path
 
 CFG_CUTOFF = 0.1   # hard-coded in the published CFG processor
 
@@ -38,6 +42,7 @@ CFG_CUTOFF = 0.1   # hard-coded in the published CFG processor
 #: the families this method takes (family name -> the classes it is tested on)
 FAMILIES = {
     "llama": "llava-hf LlavaForConditionalGeneration and the original LLaVA class",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration and Qwen2_5_VLForConditionalGeneration (hallupatch's drop-in files)",
 }
 
 
@@ -82,7 +87,7 @@ class PAIConfig(MethodConfig):
 
     def validate_for(self, parts) -> None:
         check_family(parts, "pai", FAMILIES, "PAI rescales the image tokens' attention inside the eager attention "
-                     "formula, which is written per family and exists for llama's only")
+                     "formula (FamilySpec.eager_attention), which is written and tested per family")
         if self.end_layer > parts.num_layers:
             raise ValueError(
                 f"end_layer={self.end_layer} exceeds the model's {parts.num_layers} decoder layers; "
@@ -96,11 +101,11 @@ class PayAttention(TwoBranch):
     def __init__(self, patch: Patch, config: PAIConfig):
         super().__init__(patch, config)
         self.amplify = False
-        self.image_columns: Optional[tuple] = None   # (start, count) per row of the main branch, long tensors
+        self.image_columns: Optional[torch.Tensor] = None   # (rows, length) bool: each main row's image columns
         patch.on_pass_start(self._start_pass)
         if config.use_attn:
             for index in range(config.start_layer, config.end_layer):
-                attention = self.parts.layers[index].self_attn
+                attention = get_path(self.parts.layers[index], self.parts.spec.layer_attention)
                 patch.wrap_method(attention, "forward", functools.partial(self._attention, attention))
 
     def start(self, call: GenerateCall) -> None:
@@ -133,60 +138,29 @@ class PayAttention(TwoBranch):
         token = self.parts.spec.image_token_id(self.patch.model)
         ids = self.call.input_ids.repeat_interleave(self.patch.call.row_repeat, dim=0)
         memory = self.patch.generation.visual_memory or [None] * ids.shape[0]
-        starts, counts = [], []
-        for row, tokens in zip(ids, memory):
-            where = (row == token).nonzero().flatten() if token is not None else row[:0]
-            if len(where) > 1:
-                raise ValueError("method 'pai' amplifies one image per sample (as published); this prompt has several")
-            starts.append(int(where[0]) if len(where) and tokens is not None else 0)
-            counts.append(int(tokens.shape[0]) if len(where) and tokens is not None else 0)
-        self.image_columns = (torch.tensor(starts), torch.tensor(counts))
+        columns = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, (row_ids, tokens) in enumerate(zip(ids, memory)):
+            if token is None or tokens is None or not bool((row_ids == token).any()):
+                continue
+            found = image_positions(row_ids.cpu(), token, tokens.shape[0], "pai")
+            if found.merged_length > columns.shape[1]:
+                columns = nn.functional.pad(columns, (0, found.merged_length - columns.shape[1]))
+            columns[row, found.positions] = True
+        self.image_columns = columns
 
-    def _attention(self, attention, original, hidden_states, attention_mask=None, position_ids=None,
-                   past_key_value=None, output_attentions=False, use_cache=False, cache_position=None, **kwargs):
+    def _attention(self, attention, original, hidden_states, **call):
         if not (self.amplify and self.call is not None and not self.in_branch and self.image_columns is not None):
-            return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_value=past_key_value, output_attentions=output_attentions, use_cache=use_cache,
-                            cache_position=cache_position, **kwargs)
-        return amplified_attention(attention, hidden_states, attention_mask, position_ids, past_key_value,
-                                   output_attentions, cache_position, self.image_columns, self.config.alpha)
+            return original(hidden_states, **call)
+        return self.parts.spec.eager_attention(attention, original, hidden_states, call, self._amplify)
 
-
-def amplified_attention(attention, hidden_states, attention_mask, position_ids, past_key_value, output_attentions,
-                        cache_position, image_columns, alpha):
-    """Eager llama attention (transformers 4.40's formula) with the last query row's scores over each row's
-    image columns ``[start, start + count)`` replaced by ``w + alpha |w|`` after the mask (PAI)."""
-    batch, q_len, _ = hidden_states.shape
-    head_dim = attention.head_dim
-    query = attention.q_proj(hidden_states).view(batch, q_len, attention.num_heads, head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden_states).view(batch, q_len, attention.num_key_value_heads, head_dim).transpose(1, 2)
-    value = attention.v_proj(hidden_states).view(batch, q_len, attention.num_key_value_heads, head_dim).transpose(1, 2)
-    past_key_value = getattr(attention, "past_key_value", past_key_value)
-    cos, sin = attention.rotary_emb(value, position_ids)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    if past_key_value is not None:
-        key, value = past_key_value.update(key, value, attention.layer_idx,
-                                           {"sin": sin, "cos": cos, "cache_position": cache_position})
-    key = repeat_kv(key, attention.num_key_value_groups)
-    value = repeat_kv(value, attention.num_key_value_groups)
-    keys = key.shape[-2]
-    scores = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(head_dim)
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, :keys]
-    elif q_len > 1:   # sdpa models get no mask when none is needed; the eager formula needs the causal one
-        rows = torch.arange(keys - q_len, keys, device=scores.device)[:, None]
-        future = torch.arange(keys, device=scores.device)[None, :] > rows
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-    scores = torch.max(scores, torch.tensor(torch.finfo(scores.dtype).min, device=scores.device))   # as published
-    start, count = (t.to(scores.device) for t in image_columns)
-    column = torch.arange(keys, device=scores.device)[None, :]
-    on_image = (column >= start[:, None]) & (column < (start + count)[:, None])   # (batch, keys)
-    last = scores[:, :, -1, :]
-    scores[:, :, -1, :] = torch.where(on_image[:, None, :], last + alpha * last.abs(), last)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    output = torch.matmul(weights, value).transpose(1, 2).reshape(batch, q_len, -1)
-    output = attention.o_proj(output)
-    return output, (weights if output_attentions else None), past_key_value
+    def _amplify(self, scores: torch.Tensor) -> torch.Tensor:
+        """The last query row's scores over each row's image columns become ``w + alpha |w|``."""
+        keys = scores.shape[-1]
+        columns = self.image_columns[:, :keys]
+        on_image = nn.functional.pad(columns, (0, keys - columns.shape[1])).to(scores.device)   # (batch, keys)
+        last = scores[:, :, -1, :]
+        scores[:, :, -1, :] = torch.where(on_image[:, None, :], last + self.config.alpha * last.abs(), last)
+        return scores
 
 
 def install(patch: Patch, config: PAIConfig) -> PayAttention:
