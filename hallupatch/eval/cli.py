@@ -125,6 +125,8 @@ def _shared_options() -> argparse.ArgumentParser:
     g.add_argument("--family", dest="recipe_old_spelling", choices=sorted(models.RECIPES), help=argparse.SUPPRESS)
     g.add_argument("--data", help="the benchmark's data in its official layout (see the benchmark's --help); "
                    "default: the built-in data, where the benchmark has one")
+    g.add_argument("--lab-split", choices=["dev", "test", "heldout"], help="which split of the built-in (lab) data "
+                   "to write when no --data is given: heldout = fresh scenes built as test's (default test)")
     g.add_argument("--preset", help="the settings of a published evaluation script (flags given here win); "
                    "--preset help lists them")
     g.add_argument("--method", help="none, memvr, dola (layer contrast), memvr+dola, vcd, icd, m3id, pai, opera "
@@ -448,8 +450,10 @@ def _evaluate(task: Task, args, backend, embedded, data, data_setting, out: Path
 def _data(task: Task, args, out: Path):
     """The data path and its ``run.json`` setting: ``--data``, else the task's built-in data."""
     if args.data is not None:
+        if args.lab_split is not None:
+            raise ValueError("--lab-split chooses the built-in data's split: leave it out with --data")
         return Path(args.data) if Path(args.data).exists() else args.data, _where(args.data)
-    embedded = task.embedded_data(out)
+    embedded = task.embedded_data(out, args.lab_split or "test")
     if embedded is None:
         raise DataError(f"{task.title} needs --data: {task.data_help}")
     path, label = embedded

@@ -22,7 +22,7 @@ from hallupatch.eval.embedded import LAB, lab_backend
 from hallupatch.eval.harness import SCREEN_WIDTH, Variant
 from hallupatch.eval.models import THREADS_HELP, choose_threads
 from hallupatch.eval.tasks import Task, registered_tasks
-from hallupatch.lab.settings import DIAGNOSTIC, variants   # the settings compared are the lab's
+from hallupatch.lab.settings import variants   # the settings compared are the lab's
 
 DEFAULT_OUTPUT = Path("hallupatch_output") / "lab"
 DEV_QUESTIONS = 100          # dev questions per threshold when choosing MemVR's threshold
@@ -38,14 +38,20 @@ def lab_tasks() -> Dict[str, Type[Task]]:
     return {name: task for name, task in registered_tasks().items() if task.lab_options is not None}
 
 
-SUMMARY = (f"every method on the lab ({' and '.join(task.title for task in lab_tasks().values())}, test split), "
-           "side by side, with a plot")
+def summary(split: str = "test") -> str:
+    """The screen's first line: what the suite runs."""
+    return (f"every method on the lab ({' and '.join(task.title for task in lab_tasks().values())}, {split} split), "
+            "side by side, with a plot")
+
+
+SUMMARY = summary()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a lab checkpoint folder (python -m hallupatch.lab train --out DIR); "
                         "default: the one shipped in the package")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help=f"results folder (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--output", help=f"results folder (default {DEFAULT_OUTPUT}, {DEFAULT_OUTPUT}-heldout with "
+                        f"--split heldout, {DEFAULT_OUTPUT}-study with --full)")
     parser.add_argument("--limit", type=int, help="only the first N questions of each benchmark (and of the "
                         "dev split for MemVR's threshold)")
     parser.add_argument("--threshold", type=float, help="MemVR's tuned threshold (default: chosen on the dev split)")
@@ -53,7 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true", help="no lab.png")
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
-    parser.add_argument("--full", action="store_true", help="also OPERA and the diagnostic settings: " + ", ".join(DIAGNOSTIC))
+    parser.add_argument("--split", default="test", choices=["test", "heldout"],
+                        help="the lab's scenes to evaluate on: test, or heldout (fresh scenes built as test's, to "
+                        "check that a finding replicates); knobs are always chosen on dev (default test)")
+    parser.add_argument("--full", action="store_true", help="the powered study instead of the main job: every "
+                        "method (OPERA included) with knobs chosen on dev, on every shipped training seed, on both "
+                        "planted causes, with question counts sized for power (see the README)")
+    parser.add_argument("--seeds", type=_seed_list, help="with --full: only these shipped seeds, e.g. 1 or 0,2 (run "
+                        "one process per seed in parallel into the same --output, then once without --seeds for "
+                        "the table)")
+
+
+def _seed_list(text: str) -> List[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 0,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds names a seed twice: {text!r}")
+    return seeds
 
 
 def choose_threshold(out: Path, backend, questions: int = DEV_QUESTIONS, overwrite: bool = False) -> float:
@@ -101,6 +125,22 @@ def run(args: argparse.Namespace, run_benchmark: Callable[..., Any]) -> Dict[str
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be >= 1; got {value}")
+    if args.full:
+        ignored = [flag for flag, given in (("--model", args.model), ("--limit", args.limit),
+                                            ("--threshold", args.threshold is not None), ("--no-plot", args.no_plot))
+                   if given]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} do(es) not apply to --full (the study runs the shipped seeds, "
+                             "sizes its question sets for power and chooses every knob on dev): leave "
+                             f"{'it' if len(ignored) == 1 else 'them'} out")
+        from hallupatch.eval.lab_study import run_study
+
+        args.output = args.output or f"{DEFAULT_OUTPUT}-study"
+        check_output_folder(Path(args.output))
+        return run_study(args, run_benchmark)
+    if args.seeds is not None:
+        raise ValueError("--seeds chooses the seeds of the powered study: use it with --full")
+    args.output = args.output or (str(DEFAULT_OUTPUT) if args.split == "test" else f"{DEFAULT_OUTPUT}-{args.split}")
     out = Path(args.output)
     check_output_folder(out)
     backend = lab_backend(args.model)
@@ -108,13 +148,14 @@ def run(args: argparse.Namespace, run_benchmark: Callable[..., Any]) -> Dict[str
     dev_questions = min(args.limit or DEV_QUESTIONS, DEV_QUESTIONS)
     threshold = args.threshold if args.threshold is not None else \
         choose_threshold(out, backend, dev_questions, args.overwrite)
-    chosen = variants(threshold, full=args.full)
+    chosen = variants(threshold)
     facts = run_facts(args, backend, threads, threshold, dev_questions, chosen)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / FACTS_FILE, facts)
     print(render_header(facts), flush=True)
 
-    shared = [*(["--limit", str(args.limit)] if args.limit else []), *(["--overwrite"] if args.overwrite else []),
+    shared = [*(["--lab-split", args.split] if args.split != "test" else []),
+              *(["--limit", str(args.limit)] if args.limit else []), *(["--overwrite"] if args.overwrite else []),
               *(["--no-progress"] if args.no_progress else []), "--batch-size", str(LAB.batch_size)]
     results: Dict[str, Any] = {"dev_threshold": threshold}
     for benchmark, task in lab_tasks().items():
@@ -122,7 +163,7 @@ def run(args: argparse.Namespace, run_benchmark: Callable[..., Any]) -> Dict[str
         with contextlib.redirect_stdout(io.StringIO()):   # its table is part of the screen rendered below
             results[benchmark] = run_benchmark([benchmark, "--output", str(out / benchmark), *extra, *shared],
                                                backend=backend, variants=chosen)
-    profile = entropy_profile(backend, args.limit or PROFILE_QUESTIONS)
+    profile = entropy_profile(backend, args.limit or PROFILE_QUESTIONS, args.split)
     (out / "entropy_profile.json").write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
     results["entropy_profile"] = profile
     if not args.no_plot:
@@ -143,6 +184,7 @@ def run_facts(args, backend, threads: str, threshold: float, dev_questions: int,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": backend.device.type,
         "threads": threads,
+        **({"split": args.split} if args.split != "test" else {}),
         "limit": args.limit,
         "threshold": threshold,
         "dev_questions": None if args.threshold is not None else dev_questions,
@@ -165,11 +207,12 @@ def render_header(facts: Mapping[str, Any]) -> str:
         dev = (f"MemVR's threshold {facts['threshold']:g}: the best adversarial accuracy on "
                f"{facts['dev_questions']} dev questions")
     lines = [
-        f"hallupatch eval lab: {SUMMARY}",
+        f"hallupatch eval lab: {summary(facts.get('split', 'test'))}",
         f"model     {facts['model']}: {facts['parameters'] / 1e6:.1f}M parameters, {facts['dtype']} on "
         f"{facts['device']}",
         f"threads   {facts['threads']}",
-        f"data      the lab's test split: {' and '.join(task.lab_data for task in lab_tasks().values())}",
+        f"data      the lab's {facts.get('split', 'test')} split: "
+        f"{' and '.join(task.lab_data for task in lab_tasks().values())}",
         *([f"limit     the first {facts['limit']} questions of each benchmark"] if facts["limit"] else []),
         f"decoding  greedy; {LAB.answer_tokens} new tokens for yes/no, {LAB.caption_tokens} for captions",
         f"dev       {dev}",
@@ -203,12 +246,12 @@ def render_results(out: Path, facts: Mapping[str, Any]) -> str:
     return "\n" + "\n\n".join(blocks)
 
 
-def entropy_profile(backend, questions: int) -> Dict[str, Dict[str, float]]:
+def entropy_profile(backend, questions: int, split: str = "test") -> Dict[str, Dict[str, float]]:
     """MemVR's trigger signal after each checked layer on the answer's pass of lab POPE questions
-    (test split: adversarial and random), as ``{layer: {"mean", "max"}}``."""
+    (``split``: adversarial and random), as ``{layer: {"mean", "max"}}``."""
     from hallupatch.lab.measure import split_entropy_profile
 
-    profile = split_entropy_profile(backend.model, backend.processor, questions)
+    profile = split_entropy_profile(backend.model, backend.processor, questions, split)
     return {str(layer): values for layer, values in profile.items()}
 
 

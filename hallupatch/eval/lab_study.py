@@ -149,12 +149,19 @@ def _answer(run_benchmark: Runner, backend, data: Path, out: Path, label: str, v
     from hallupatch.eval.store import read_answers
 
     folder = out / method_folder_name(label)
-    argv = ["pope", "--data", str(data), "--output", str(folder), "--batch-size", str(LAB.batch_size),
+    argv = [yes_no_task(), "--data", str(data), "--output", str(folder), "--batch-size", str(LAB.batch_size),
             "--max-new-tokens", str(LAB.answer_tokens), *(["--limit", str(limit)] if limit else []),
             *(["--overwrite"] if overwrite else []), *([] if progress else ["--no-progress"])]
     with contextlib.redirect_stdout(io.StringIO()):
         run_benchmark(argv, backend=backend, variants={label: variant})
     return read_answers(folder / "answers.jsonl")
+
+
+def yes_no_task() -> str:
+    """The registered task that reads the study's question files (``Task.lab_question_files``)."""
+    from hallupatch.eval.tasks import registered_tasks
+
+    return next(name for name, task in registered_tasks().items() if task.lab_question_files)
 
 
 def _outcomes(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Tuple[str, bool]]:

@@ -30,6 +30,12 @@ DEFAULT_POPE_QUESTIONS = 200
 DEFAULT_COCO_IMAGES = 200
 
 
+def data_folder(work_dir: PathLike, layout: str, split: str) -> Path:
+    """Where the harness writes the lab's built-in data in a layout (``pope``, ``mme``, ``coco``) for a
+    split: ``<work_dir>/lab_data/pope`` for test (as before held-out scenes existed), else ``pope-<split>``."""
+    return Path(work_dir) / "lab_data" / (layout if split == "test" else f"{layout}-{split}")
+
+
 def _save_images(folder: Path, scenes: Iterable[world.Scene]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for scene in scenes:

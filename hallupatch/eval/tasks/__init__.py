@@ -52,6 +52,9 @@ class Task:
         lab_traces: the figure's layer panels (where MemVR fired, which layer DoLa contrasted) read the
             per-answer traces of this task's answers.
         :meth:`lab_panel`: the figure panel drawn from this task's comparison.
+        lab_question_files: the task reads one file of yes/no questions in POPE's format as one split
+            (``--data FILE``): the powered study (``eval lab --full``, :mod:`hallupatch.eval.lab_study`)
+            asks its question sets through it.
     """
 
     name: str = ""
@@ -64,6 +67,7 @@ class Task:
     details_file: Optional[str] = None
     screen_columns: Mapping[str, str] = {}
     lab_options: Optional[Tuple[str, ...]] = None
+    lab_question_files: bool = False
     lab_data: str = ""
     lab_traces: bool = False
 
@@ -79,9 +83,10 @@ class Task:
         """This task's settings recorded in ``run.json`` (a resume with others is refused)."""
         return {}
 
-    def embedded_data(self, work_dir: Path) -> Optional[Tuple[Path, str]]:
-        """The built-in data to use when no ``--data`` is given, written under ``work_dir``, and the
-        label ``run.json`` records for it; ``None``: the task needs ``--data``."""
+    def embedded_data(self, work_dir: Path, split: str = "test") -> Optional[Tuple[Path, str]]:
+        """The built-in data to use when no ``--data`` is given (the lab's ``split``: dev, test or heldout),
+        written under ``work_dir``, and the label ``run.json`` records for it; ``None``: the task needs
+        ``--data``."""
         return None
 
     # -- questions ---------------------------------------------------------------------------------

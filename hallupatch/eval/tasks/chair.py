@@ -148,14 +148,14 @@ class CHAIR(Task):
                 "annotations": str(Path(args.annotations).resolve()) if args.annotations else None,
                 "objects": str(Path(args.objects).resolve()) if args.objects else None}
 
-    def embedded_data(self, work_dir: Path):
+    def embedded_data(self, work_dir: Path, split: str = "test"):
         """The lab's COCO-format scenes; their object vocabulary comes with them (unless --objects is given)."""
         from hallupatch.lab import writers
 
-        root = writers.write_coco(Path(work_dir) / "lab_data" / "coco", split="test")
+        root = writers.write_coco(writers.data_folder(work_dir, "coco", split), split=split)
         if self.args.objects is None:
             self.args.objects = str(root / writers.CHAIR_VOCABULARY_FILE)
-        return root, "embedded:lab-coco-test"
+        return root, f"embedded:lab-coco-{split}"
 
     def load(self, data, recipe, out_dir, answers):
         args = self.args

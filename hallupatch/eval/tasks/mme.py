@@ -221,10 +221,10 @@ class MME(Task):
     data_help = ("the released folder (MME_Benchmark_release_version) or a `datasets` dataset (save_to_disk "
                  "folder, parquet/arrow files, or a cached hub name such as lmms-lab/MME)")
 
-    def embedded_data(self, work_dir: Path):
+    def embedded_data(self, work_dir: Path, split: str = "test"):
         from hallupatch.lab import writers
 
-        return writers.write_mme(Path(work_dir) / "lab_data" / "mme", split="test"), "embedded:lab-mme-test"
+        return writers.write_mme(writers.data_folder(work_dir, "mme", split), split=split), f"embedded:lab-mme-{split}"
 
     def load(self, data, recipe, out_dir, answers):
         return load_mme(data, need_images=answers is None)

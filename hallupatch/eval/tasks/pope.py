@@ -166,6 +166,7 @@ class POPE(Task):
     lab_options = ()
     lab_data = f"POPE ({', '.join(POPE_SPLITS)})"
     lab_traces = True
+    lab_question_files = True
 
     @classmethod
     def add_arguments(cls, group):
@@ -178,10 +179,10 @@ class POPE(Task):
         folder = self.args.image_folder
         return {"image_folder": str(Path(folder).resolve()) if folder else None, "splits": self.args.splits}
 
-    def embedded_data(self, work_dir: Path):
+    def embedded_data(self, work_dir: Path, split: str = "test"):
         from hallupatch.lab import writers
 
-        return writers.write_pope(Path(work_dir) / "lab_data" / "pope", split="test"), "embedded:lab-pope-test"
+        return writers.write_pope(writers.data_folder(work_dir, "pope", split), split=split), f"embedded:lab-pope-{split}"
 
     def load(self, data, recipe, out_dir, answers):
         if getattr(self.args, "question_file", None) and answers is None:
