@@ -26,6 +26,8 @@ from typing import Callable, Dict, List, Mapping, Sequence
 import numpy as np
 
 BOOTSTRAP_RESAMPLES = 1000
+ALPHA = 0.05          # the significance level of every reported test and minimum detectable effect
+PLANNED_POWER = 0.8   # the power a minimum detectable effect is computed for
 MAX_SAMPLE_SIZE = 200_000   # mcnemar_sample_size searches no further by default
 
 
@@ -189,7 +191,7 @@ def _power_curve(max_n: int, discordance: float, effect: float, alpha: float) ->
     return power
 
 
-def mcnemar_power(n: int, discordance: float, effect: float, alpha: float = 0.05) -> float:
+def mcnemar_power(n: int, discordance: float, effect: float, alpha: float = ALPHA) -> float:
     """Exact power of :func:`mcnemar_exact` (rejecting when ``p < alpha``) on ``n`` paired questions.
 
     Each question is discordant (the two methods disagree on it) with probability ``discordance``, and
@@ -209,7 +211,7 @@ def mcnemar_power(n: int, discordance: float, effect: float, alpha: float = 0.05
     return float(min(1.0, d_pmf @ rejection))
 
 
-def mcnemar_mde(n: int, discordance: float, power: float = 0.8, alpha: float = 0.05) -> float:
+def mcnemar_mde(n: int, discordance: float, power: float = PLANNED_POWER, alpha: float = ALPHA) -> float:
     """Minimum detectable accuracy difference (a share, not points): the smallest ``effect >= 0`` whose
     :func:`mcnemar_power` reaches ``power`` with ``n`` paired questions at this ``discordance``.
 
@@ -237,7 +239,7 @@ def mcnemar_mde(n: int, discordance: float, power: float = 0.8, alpha: float = 0
     return high
 
 
-def mcnemar_sample_size(discordance: float, effect: float, power: float = 0.8, alpha: float = 0.05,
+def mcnemar_sample_size(discordance: float, effect: float, power: float = PLANNED_POWER, alpha: float = ALPHA,
                         max_n: int = MAX_SAMPLE_SIZE) -> int:
     """The smallest number of paired questions ``n`` whose :func:`mcnemar_power` reaches ``power``.
 
@@ -265,7 +267,13 @@ def mcnemar_sample_size(discordance: float, effect: float, power: float = 0.8, a
         horizon *= 4
 
 
-def bootstrap_mde(resampled_differences: Sequence[float], power: float = 0.8, alpha: float = 0.05) -> float:
+def normal_mde_factor(power: float = PLANNED_POWER, alpha: float = ALPHA) -> float:
+    """``z_{1 - alpha/2} + z_{power}``: a two-sided normal test's minimum detectable effect in standard errors."""
+    normal = NormalDist()
+    return normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(power)
+
+
+def bootstrap_mde(resampled_differences: Sequence[float], power: float = PLANNED_POWER, alpha: float = ALPHA) -> float:
     """Minimum detectable difference of a paired bootstrap, by the normal approximation:
     ``(z_{1 - alpha/2} + z_{power}) * sd`` of the resampled differences (``sd`` with ``ddof=1``; non-finite
     resamples left out), in the metric's own units. ``nan`` with fewer than two finite resamples, or when
@@ -280,8 +288,7 @@ def bootstrap_mde(resampled_differences: Sequence[float], power: float = 0.8, al
     sd = float(np.std(d, ddof=1))
     if sd == 0:
         return float("nan")
-    normal = NormalDist()
-    return (normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(target)) * sd
+    return normal_mde_factor(target, alpha) * sd
 
 
 # --------------------------------------------------------------------------- multiplicity
