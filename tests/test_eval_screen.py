@@ -72,10 +72,24 @@ def test_the_comparison_table_fits_100_columns_with_p_values_as_published():
     assert rows["none"].split()[1:] == ["50.00", "51.00", "52.00"]   # the baseline has no change or p
 
 
+def test_a_bootstrap_table_lists_each_methods_minimum_detectable_effects_under_it():
+    labels = ["none", "memvr", "a setting with a label far longer than any column could hold", "dola"]
+    comparison = _comparison(labels, [1.0, 0.0000123, 0.04567])
+    comparison["mde"] = "the smallest change found with 80% power"
+    for label, mde in zip(labels[1:], [float("nan"), 2.345, 12.0]):
+        for k, test in enumerate(comparison["methods"][label]["test"].values()):
+            test["mde"] = mde if k != 1 else float("nan")
+    lines = harness.format_comparison(comparison).splitlines()
+    assert max(len(line) for line in lines) <= harness.SCREEN_WIDTH
+    listed = " ".join(lines[lines.index(next(x for x in lines if x.startswith("mde"))):])
+    assert listed == ("mde (score 0/score 1/score 2), change with 80% power: memvr -/-/-; "
+                      "a setting with a label far lo... 2.3/-/2.3; dola 12.0/-/12.0")
+
+
 def test_a_mcnemar_table_shows_the_minimum_detectable_effect_beside_p():
     labels = ["none", "memvr", "a setting with a label far longer than any column could hold", "dola"]
     comparison = _comparison(labels, [0.5, 0.5, 0.5])
-    comparison["test"], comparison["mde"] = "exact McNemar", "the smallest accuracy change (points) found"
+    comparison["test"], comparison["mde"] = "exact McNemar", "the smallest accuracy change found with 80% power"
     for label, (p, mde) in zip(labels[1:], [(1.0, float("inf")), (0.0000123, 3.456), (0.04567, 12.0)]):
         comparison["methods"][label]["test"] = {"b": 1, "c": 2, "p": p, "discordance": 0.1, "mde": mde}
     columns = {f"score {k}": f"score {k}" for k in range(4)}
@@ -85,7 +99,7 @@ def test_a_mcnemar_table_shows_the_minimum_detectable_effect_beside_p():
     rows = {line.split()[0]: line.split() for line in lines[3:7]}
     assert rows["memvr"][-2:] == ["1.000", "inf"] and rows["a"][-2:] == ["<0.001", "3.5"]
     assert rows["dola"][-2:] == ["0.046", "12.0"]
-    assert lines[-1] == "p: exact McNemar; mde: the smallest accuracy change (points) found; not shown: score 3"
+    assert lines[-1] == "p: exact McNemar; mde: accuracy change with 80% power; not shown: score 3"
 
 
 def test_the_main_job_prints_one_screen(tmp_path, monkeypatch, capfd, restore_threads):

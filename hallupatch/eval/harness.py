@@ -575,6 +575,7 @@ def compare(task: Task, questions: Sequence[Question], scores: Mapping[str, Mapp
 SCREEN_WIDTH = 100   # the printed comparison fits a 100-column terminal
 MAX_LABEL = 32       # longer method labels are shortened on screen
 GAP = 2              # spaces between the table's columns
+NO_BREAK = "\xa0"    # a space textwrap does not break at (one method's entry in a list stays on one line)
 
 
 def details_line(out_dir: Path) -> str:
@@ -596,9 +597,10 @@ def _number(value: Optional[float], signed: bool = False) -> str:
 
 
 def _mde(value: Optional[float]) -> str:
-    """A minimum detectable effect as printed: one decimal, ``inf`` when nothing is detectable."""
+    """A minimum detectable effect as printed: one decimal, ``inf`` when nothing is detectable, ``-``
+    when there is none (a bootstrap whose resampled differences never vary)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
+        return "-"
     return f"{value:.1f}"
 
 
@@ -658,13 +660,16 @@ def format_comparison(comparison: Mapping[str, Any], columns: Optional[Mapping[s
         lines.append(row(m, cells, [format_p(test["p"]), mdes[m]] if mcnemar else ()))
     title = f"{comparison['benchmark']}: {comparison['questions']} questions, change against {baseline}"
     note = f"p: {comparison['test']}"
+    # short legends (the screen has one or two lines per table for them); comparison["mde"] says it in full
+    power = f"with {stats.PLANNED_POWER:.0%} power"
+    listed = ""   # the bootstrap's minimum detectable effects, per method, under the table
     if "mde" in comparison and mcnemar:
-        note += f"; mde: {comparison['mde']}"
+        note += f"; mde: accuracy change {power}"
     elif "mde" in comparison:
-        def method_mdes(entry: Mapping[str, Any]) -> str:
-            found = [_mde(entry["test"][key].get("mde")) if key in entry["test"] else "n/a" for key in shown]
-            return "n/a" if all(x == "n/a" for x in found) else "/".join(found)
-        note += f"; mde ({'/'.join(shown.values())}), {comparison['mde']}: " + "; ".join(
-            f"{short(m)} {method_mdes(e)}" for m, e in compared.items())
+        def method_mdes(entry: Mapping[str, Any]) -> str:   # "-" where a score has none
+            return "/".join(_mde(entry["test"][key].get("mde")) if key in entry["test"] else "-" for key in shown)
+        listed = f"mde ({'/'.join(shown.values())}), change {power}: " + "; ".join(
+            f"{short(m)} {method_mdes(e)}".replace(" ", NO_BREAK) for m, e in compared.items())
     note += f"; not shown: {', '.join(left_out)}" if left_out else ""
-    return "\n".join([title, *lines, *textwrap.wrap(note, width)])
+    notes = [line.replace(NO_BREAK, " ") for text in (note, listed) for line in textwrap.wrap(text, width)]
+    return "\n".join([title, *lines, *notes])
