@@ -100,7 +100,7 @@ def _xlogy(x: np.ndarray, y: float) -> np.ndarray:
 
 
 def _binomial_log_pmf(trials: np.ndarray, successes: np.ndarray, p: float) -> np.ndarray:
-    """``log P(Binomial(trials, p) = successes)``, elementwise; ``-inf`` where ``successes`` is outside ``0..trials``."""
+    """``log P(Binomial(trials, p) = successes)``, elementwise; ``-inf`` outside ``0 <= successes <= trials``."""
     trials, successes = np.broadcast_arrays(np.asarray(trials), np.asarray(successes))
     inside = (successes >= 0) & (successes <= trials)
     t, s = np.where(inside, trials, 0), np.where(inside, successes, 0)
