@@ -100,6 +100,9 @@ def test_a_mcnemar_table_shows_the_minimum_detectable_effect_beside_p():
     assert rows["memvr"][-2:] == ["1.000", "inf"] and rows["a"][-2:] == ["<0.001", "3.5"]
     assert rows["dola"][-2:] == ["0.046", "12.0"]
     assert lines[-1] == "p: exact McNemar; mde: accuracy change with 80% power; not shown: score 3"
+    del comparison["mde"]   # a comparison.json written before there were minimum detectable effects
+    lines = harness.format_comparison(comparison, columns).splitlines()
+    assert lines[1].split()[-1] == "p" and lines[4].split()[-1] == "1.000" and "mde" not in lines[-1]
 
 
 def test_the_main_job_prints_one_screen(tmp_path, monkeypatch, capfd, restore_threads):

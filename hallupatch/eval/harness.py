@@ -625,13 +625,15 @@ def format_comparison(comparison: Mapping[str, Any], columns: Optional[Mapping[s
     mcnemar = any("p" in e.get("test", {}) and not isinstance(e["test"]["p"], dict) for e in methods.values())
     values = {m: {k: _number(e["scores"].get(k)) for k in shown} for m, e in methods.items()}
     changes = {m: {k: _number(e["difference"].get(k), signed=True) for k in shown} for m, e in compared.items()}
-    mdes = {m: _mde(e["test"].get("mde")) for m, e in compared.items()} if mcnemar else {}
+    # a comparison written before minimum detectable effects were computed has none: no mde column then
+    mde_column = mcnemar and "mde" in comparison
+    mdes = {m: _mde(e["test"].get("mde")) for m, e in compared.items()} if mde_column else {}
     w_value = max([len("value"), *(len(v) for row in values.values() for v in row.values())])
     w_change = max([len("change"), *(len(v) for row in changes.values() for v in row.values())])
     w_p = len("<0.001")
     w_mde = max([len("mde"), *(len(v) for v in mdes.values())])
     cell = w_value + 1 + w_change + (0 if mcnemar else 1 + w_p)
-    tail = GAP + w_p + GAP + w_mde if mcnemar else 0
+    tail = (GAP + w_p if mcnemar else 0) + (GAP + w_mde if mde_column else 0)
     label_width = min(max(len("method"), *(len(m) for m in methods)), MAX_LABEL) + GAP
     room = max(1, (width - label_width - tail) // (cell + GAP))
     left_out = list(shown)[room:]
@@ -648,7 +650,7 @@ def format_comparison(comparison: Mapping[str, Any], columns: Optional[Mapping[s
     def value_cell(value: str, change: str = "", p: str = "") -> str:
         return f"{value:>{w_value}} {change:>{w_change}}" + ("" if mcnemar else f" {p:>{w_p}}")
 
-    lines = [row("", [name[: cell] for name in shown.values()], ["p", "mde"] if mcnemar else ()),
+    lines = [row("", [name[: cell] for name in shown.values()], ["p", "mde"][: int(mcnemar) + int(mde_column)]),
              row("method", [value_cell("value", "change", "p") for _ in shown])]
     for m, entry in methods.items():
         if m == baseline:
@@ -657,13 +659,14 @@ def format_comparison(comparison: Mapping[str, Any], columns: Optional[Mapping[s
         test = entry["test"]
         cells = [value_cell(values[m][key], changes[m][key], format_p(test[key]["p"] if key in test else None))
                  for key in shown]
-        lines.append(row(m, cells, [format_p(test["p"]), mdes[m]] if mcnemar else ()))
+        ends = ([format_p(test["p"])] + ([mdes[m]] if mde_column else [])) if mcnemar else []
+        lines.append(row(m, cells, ends))
     title = f"{comparison['benchmark']}: {comparison['questions']} questions, change against {baseline}"
     note = f"p: {comparison['test']}"
     # short legends (the screen has one or two lines per table for them); comparison["mde"] says it in full
     power = f"with {stats.PLANNED_POWER:.0%} power"
     listed = ""   # the bootstrap's minimum detectable effects, per method, under the table
-    if "mde" in comparison and mcnemar:
+    if mde_column:
         note += f"; mde: accuracy change {power}"
     elif "mde" in comparison:
         def method_mdes(entry: Mapping[str, Any]) -> str:   # "-" where a score has none
