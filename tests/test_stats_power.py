@@ -169,6 +169,27 @@ def test_bootstrap_mde_is_the_normal_approximation_of_the_resampled_spread():
     assert math.isnan(stats.bootstrap_mde([1.0]))
 
 
+def test_bootstrap_sample_size_scales_the_spread_as_one_over_root_n():
+    # per-item counts of a CHAIR-like rate: the bootstrap's MDE at 100 and at 900 items of the same kind
+    rng = np.random.default_rng(7)
+    items = 900
+    first = [{"x": float(rng.random() < 0.3), "y": 1.0} for _ in range(items)]
+    second = [{"x": float(rng.random() < 0.2), "y": 1.0} for _ in range(items)]
+
+    def rate(sums, count):
+        return {"rate": 100.0 * sums["x"] / count}
+
+    small = stats.paired_bootstrap(first[:100], second[:100], rate, resamples=400)["rate"]["mde"]
+    large = stats.paired_bootstrap(first, second, rate, resamples=400)["rate"]["mde"]
+    assert stats.bootstrap_sample_size(100, small, large) == pytest.approx(items, rel=0.2)
+    # and the MDE itself is the normal test's: 2.80 standard errors of a difference of two independent rates
+    se = 100 * math.sqrt((0.3 * 0.7 + 0.2 * 0.8) / items)
+    assert large == pytest.approx((scipy_stats.norm.ppf(0.975) + scipy_stats.norm.ppf(0.8)) * se, rel=0.15)
+    assert stats.bootstrap_sample_size(100, 4.0, 2.0) == 400 and stats.bootstrap_sample_size(100, 1.0, 2.0) == 25
+    with pytest.raises(ValueError, match="effect must be a positive number"):
+        stats.bootstrap_sample_size(100, 4.0, 0.0)
+
+
 # ------------------------------------------------------------------ Holm
 def test_holm_equals_statsmodels():
     rng = np.random.default_rng(4)

@@ -10,7 +10,7 @@ multiple-comparison correction.
   p-value is two-sided, ``min(1, 2 * min(P(d* <= 0), P(d* >= 0)))`` for the resampled differences
   ``d*``, and the 95% interval is their 2.5th and 97.5th percentiles.
 * Power: :func:`mcnemar_power` (exact), :func:`mcnemar_mde`, :func:`mcnemar_sample_size`, and
-  :func:`bootstrap_mde` (normal approximation) for the bootstrap.
+  :func:`bootstrap_mde` and :func:`bootstrap_sample_size` (normal approximation) for the bootstrap.
 * :func:`holm`: Holm's step-down adjustment of a family of p-values.
 
 A test *rejects* ("finds a difference") when its p-value is **below** ``alpha`` (``p < alpha``), the rule the
@@ -289,6 +289,19 @@ def bootstrap_mde(resampled_differences: Sequence[float], power: float = PLANNED
     if sd == 0:
         return float("nan")
     return normal_mde_factor(target, alpha) * sd
+
+
+def bootstrap_sample_size(n: int, mde: float, effect: float) -> int:
+    """Items a paired bootstrap needs for its minimum detectable difference to reach ``effect``, from a
+    run of ``n`` items whose :func:`bootstrap_mde` was ``mde`` (same power and alpha): the spread of a
+    mean of ``n`` items shrinks as ``1 / sqrt(n)``, so ``ceil(n * (mde / effect) ** 2)``."""
+    n = _check_questions("n", n)
+    for name, value in (("mde", mde), ("effect", effect)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number (in the metric's units); got {value}")
+    return max(1, math.ceil(n * (mde / effect) ** 2 - 1e-9))
 
 
 # --------------------------------------------------------------------------- multiplicity
