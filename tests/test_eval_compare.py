@@ -97,6 +97,10 @@ def test_none_and_memvr_on_the_embedded_model_give_one_comparison(tmp_path, caps
     c = sum(right["memvr"][q] and not right["none"][q] for q in plain)
     test = comparison["methods"]["memvr"]["test"]
     assert (test["b"], test["c"]) == (b, c) and test["p"] == pytest.approx(stats.mcnemar_exact(b, c))
+    # its minimum detectable effect: accuracy points at 80% power, at this pair's share of discordant questions
+    assert test["discordance"] == pytest.approx((b + c) / len(plain))
+    assert test["mde"] == pytest.approx(100 * stats.mcnemar_mde(len(plain), (b + c) / len(plain), 0.8, 0.05))
+    assert "mde" in printed.splitlines()[1].split()
     memvr = comparison["methods"]["memvr"]
     assert memvr["difference"]["perception"] == pytest.approx(
         result["methods"]["memvr"]["perception"] - result["methods"]["none"]["perception"])
@@ -124,6 +128,7 @@ def test_caption_comparison_uses_the_paired_bootstrap(tiny_llava_dir, tmp_path):
         got = dola["test"][metric]["difference"]
         assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
         assert 0.0 <= dola["test"][metric]["p"] <= 1.0 or math.isnan(dola["test"][metric]["p"])
+        assert dola["test"][metric]["mde"] > 0 or math.isnan(dola["test"][metric]["mde"])
 
 
 def test_method_lists_are_checked():

@@ -15,6 +15,7 @@ from hallupatch.eval import cli, harness, lab, models
 ROOT = Path(__file__).resolve().parent.parent
 STORED = ROOT / "tests" / "data" / "lab_main_job"
 P_CELL = re.compile(r"^(<0\.001|[01]\.\d{3}|n/a)$")
+MDE_CELL = re.compile(r"^(\d+\.\d|inf)$")
 
 
 # ------------------------------------------------------------------ item 16: threads
@@ -67,8 +68,41 @@ def test_the_comparison_table_fits_100_columns_with_p_values_as_published():
     rows = {line.split()[0]: line for line in lines[3:7]}
     assert rows["memvr"].split()[-1] == "1.000" and "<0.001" in rows["a"] and "0.046" in rows["dola"]
     assert not re.search(r"0\.0000", text)
-    assert "not shown: score 2, score 3" in text   # what does not fit is named; comparison.json has it all
-    assert rows["none"].split()[1:] == ["50.00", "51.00"]   # the baseline has no change or p
+    assert "not shown: score 3, score 4" in text   # what does not fit is named; comparison.json has it all
+    assert rows["none"].split()[1:] == ["50.00", "51.00", "52.00"]   # the baseline has no change or p
+
+
+def test_a_bootstrap_table_lists_each_methods_minimum_detectable_effects_under_it():
+    labels = ["none", "memvr", "a setting with a label far longer than any column could hold", "dola"]
+    comparison = _comparison(labels, [1.0, 0.0000123, 0.04567])
+    comparison["mde"] = "the smallest change found with 80% power"
+    for label, mde in zip(labels[1:], [float("nan"), 2.345, 12.0]):
+        for k, test in enumerate(comparison["methods"][label]["test"].values()):
+            test["mde"] = mde if k != 1 else float("nan")
+    lines = harness.format_comparison(comparison).splitlines()
+    assert max(len(line) for line in lines) <= harness.SCREEN_WIDTH
+    listed = " ".join(lines[lines.index(next(x for x in lines if x.startswith("mde"))):])
+    assert listed == ("mde (score 0/score 1/score 2), change with 80% power: memvr -/-/-; "
+                      "a setting with a label far lo... 2.3/-/2.3; dola 12.0/-/12.0")
+
+
+def test_a_mcnemar_table_shows_the_minimum_detectable_effect_beside_p():
+    labels = ["none", "memvr", "a setting with a label far longer than any column could hold", "dola"]
+    comparison = _comparison(labels, [0.5, 0.5, 0.5])
+    comparison["test"], comparison["mde"] = "exact McNemar", "the smallest accuracy change found with 80% power"
+    for label, (p, mde) in zip(labels[1:], [(1.0, float("inf")), (0.0000123, 3.456), (0.04567, 12.0)]):
+        comparison["methods"][label]["test"] = {"b": 1, "c": 2, "p": p, "discordance": 0.1, "mde": mde}
+    columns = {f"score {k}": f"score {k}" for k in range(4)}
+    lines = harness.format_comparison(comparison, columns).splitlines()
+    assert max(len(line) for line in lines) <= harness.SCREEN_WIDTH
+    assert lines[1].split()[-2:] == ["p", "mde"]
+    rows = {line.split()[0]: line.split() for line in lines[3:7]}
+    assert rows["memvr"][-2:] == ["1.000", "inf"] and rows["a"][-2:] == ["<0.001", "3.5"]
+    assert rows["dola"][-2:] == ["0.046", "12.0"]
+    assert lines[-1] == "p: exact McNemar; mde: accuracy change with 80% power; not shown: score 3"
+    del comparison["mde"]   # a comparison.json written before there were minimum detectable effects
+    lines = harness.format_comparison(comparison, columns).splitlines()
+    assert lines[1].split()[-1] == "p" and lines[4].split()[-1] == "1.000" and "mde" not in lines[-1]
 
 
 def test_the_main_job_prints_one_screen(tmp_path, monkeypatch, capfd, restore_threads):
@@ -91,8 +125,10 @@ def test_the_main_job_prints_one_screen(tmp_path, monkeypatch, capfd, restore_th
     for start in tables:
         for row in lines[start + 4:start + 3 + len(lab.variants(0.5))]:   # the rows after the baseline
             cells = row.split()
-            p_values = [cells[-1]] if lines[start].startswith("pope") else cells[-7::3]
+            p_values = [cells[-2]] if lines[start].startswith("pope") else cells[-7::3]
             assert all(P_CELL.match(p) for p in p_values), row
+            if lines[start].startswith("pope"):   # McNemar's minimum detectable effect, in points
+                assert MDE_CELL.match(cells[-1]), row
     assert "Special tokens have been added" not in printed + errors
     out = tmp_path / "hallupatch_output" / "lab"
     assert (out / "lab.txt").read_text() == printed

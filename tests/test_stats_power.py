@@ -94,8 +94,8 @@ def test_power_at_no_effect_is_the_tests_size_and_grows_with_the_effect():
     assert stats.mcnemar_power(500, 0.0, 0.0) == 0.0   # no discordant question: p = 1
 
 
-def test_power_is_fast_for_large_studies():
-    # 20000 questions: one vectorised sum (no timing asserted; the value is checked against scipy's tails)
+def test_power_of_a_large_study_equals_scipys_tails():
+    # 20000 questions: one vectorised sum
     assert stats.mcnemar_power(20000, 0.1, 0.01) == pytest.approx(scipy_power(20000, 0.1, 0.01), rel=1e-7)
 
 
@@ -124,7 +124,8 @@ def test_sample_size_is_the_smallest_n_reaching_the_power(discordance, effect, p
     n = stats.mcnemar_sample_size(discordance, effect, power)
     assert stats.mcnemar_power(n, discordance, effect) >= power
     assert all(stats.mcnemar_power(m, discordance, effect) < power for m in range(1, n))
-    assert 0.9 * connor_sample_size(discordance, effect, power) <= n <= 1.25 * connor_sample_size(discordance, effect, power)
+    connor = connor_sample_size(discordance, effect, power)
+    assert 0.9 * connor <= n <= 1.25 * connor
 
 
 def test_sample_size_for_the_issues_two_point_change_is_in_connors_band():
@@ -166,6 +167,27 @@ def test_bootstrap_mde_is_the_normal_approximation_of_the_resampled_spread():
     assert stats.bootstrap_mde(list(d) + [float("nan")], power=0.9, alpha=0.01) == pytest.approx(expected_90)
     assert math.isnan(stats.bootstrap_mde([0.0] * 100))   # never varies: nothing to say
     assert math.isnan(stats.bootstrap_mde([1.0]))
+
+
+def test_bootstrap_sample_size_scales_the_spread_as_one_over_root_n():
+    # per-item counts of a CHAIR-like rate: the bootstrap's MDE at 100 and at 900 items of the same kind
+    rng = np.random.default_rng(7)
+    items = 900
+    first = [{"x": float(rng.random() < 0.3), "y": 1.0} for _ in range(items)]
+    second = [{"x": float(rng.random() < 0.2), "y": 1.0} for _ in range(items)]
+
+    def rate(sums, count):
+        return {"rate": 100.0 * sums["x"] / count}
+
+    small = stats.paired_bootstrap(first[:100], second[:100], rate, resamples=400)["rate"]["mde"]
+    large = stats.paired_bootstrap(first, second, rate, resamples=400)["rate"]["mde"]
+    assert stats.bootstrap_sample_size(100, small, large) == pytest.approx(items, rel=0.2)
+    # and the MDE itself is the normal test's: 2.80 standard errors of a difference of two independent rates
+    se = 100 * math.sqrt((0.3 * 0.7 + 0.2 * 0.8) / items)
+    assert large == pytest.approx((scipy_stats.norm.ppf(0.975) + scipy_stats.norm.ppf(0.8)) * se, rel=0.15)
+    assert stats.bootstrap_sample_size(100, 4.0, 2.0) == 400 and stats.bootstrap_sample_size(100, 1.0, 2.0) == 25
+    with pytest.raises(ValueError, match="effect must be a positive number"):
+        stats.bootstrap_sample_size(100, 4.0, 0.0)
 
 
 # ------------------------------------------------------------------ Holm

@@ -528,19 +528,29 @@ def score_outside_answers(task: Task, questions: Sequence[Question], answers: Pa
 
 
 # --------------------------------------------------------------------------- comparison of methods
+MDE_MEANING = f"found with {stats.PLANNED_POWER:.0%} power at p < {stats.ALPHA}"
+
+
 def compare(task: Task, questions: Sequence[Question], scores: Mapping[str, Mapping[str, Any]],
             texts: Mapping[str, Mapping[str, str]]) -> Dict[str, Any]:
     """Per method: the task's headline scores, their difference from the first method and a paired
-    test on the same questions (the task's ``paired_test``)."""
+    test on the same questions (the task's ``paired_test``), with its minimum detectable effect (``mde``).
+
+    McNemar: ``{"b", "c", "p", "discordance", "mde"}`` per method, ``discordance`` the share of questions the
+    pair answers differently and ``mde`` the accuracy difference in points that the exact test detects
+    with 80% power at that discordance (:func:`stats.mcnemar_mde`; ``inf`` when none is detectable).
+    Bootstrap: ``{"difference", "ci95", "p", "mde"}`` per score (:func:`stats.bootstrap_mde`)."""
     methods = list(scores)
     baseline = methods[0]
     heads = {m: task.headline(scores[m]) for m in methods}
     out: Dict[str, Any] = {"benchmark": task.name, "baseline": baseline, "questions": len(questions), "methods": {}}
     if task.paired_test == "mcnemar":
         out["test"] = "exact McNemar, two-sided, on each question's correctness"
+        out["mde"] = f"the smallest accuracy change (points) {MDE_MEANING}, at the pair's discordance"
         correct = {m: [task.item_correct(q, texts[m][q.qid]) for q in questions] for m in methods}
     else:
         out["test"] = f"paired bootstrap, two-sided, {stats.BOOTSTRAP_RESAMPLES} resamples (seed 0)"
+        out["mde"] = f"the smallest change {MDE_MEANING} ({stats.normal_mde_factor():.2f} x the bootstrap sd)"
         item_stats = {m: task.item_stats(questions, texts[m]) for m in methods}
         shared = [q.qid for q in questions if all(q.qid in item_stats[m] for m in methods)]
     for m in methods:
@@ -551,7 +561,10 @@ def compare(task: Task, questions: Sequence[Question], scores: Mapping[str, Mapp
             entry["difference"] = {k: heads[m][k] - heads[baseline][k] for k in heads[m] if k in heads[baseline]}
             if task.paired_test == "mcnemar":
                 counts = stats.mcnemar_counts(correct[baseline], correct[m])
-                entry["test"] = {**counts, "p": stats.mcnemar_exact(counts["b"], counts["c"])}
+                discordance = (counts["b"] + counts["c"]) / len(questions) if questions else 0.0
+                mde = stats.mcnemar_mde(len(questions), discordance) if questions else math.inf
+                entry["test"] = {**counts, "p": stats.mcnemar_exact(counts["b"], counts["c"]),
+                                 "discordance": discordance, "mde": 100 * mde}
             else:
                 entry["test"] = stats.paired_bootstrap([item_stats[baseline][i] for i in shared],
                                                        [item_stats[m][i] for i in shared], task.metrics_from_stats)
@@ -561,6 +574,8 @@ def compare(task: Task, questions: Sequence[Question], scores: Mapping[str, Mapp
 
 SCREEN_WIDTH = 100   # the printed comparison fits a 100-column terminal
 MAX_LABEL = 32       # longer method labels are shortened on screen
+GAP = 2              # spaces between the table's columns
+NO_BREAK = "\xa0"    # a space textwrap does not break at (one method's entry in a list stays on one line)
 
 
 def details_line(out_dir: Path) -> str:
@@ -581,6 +596,14 @@ def _number(value: Optional[float], signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _mde(value: Optional[float]) -> str:
+    """A minimum detectable effect as printed: one decimal, ``inf`` when nothing is detectable, ``-``
+    when there is none (a bootstrap whose resampled differences never vary)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}"
+
+
 def format_comparison(comparison: Mapping[str, Any], columns: Optional[Mapping[str, str]] = None,
                       width: int = SCREEN_WIDTH) -> str:
     """The comparison as one plain-text table, one row per method, at most ``width`` characters wide.
@@ -588,42 +611,68 @@ def format_comparison(comparison: Mapping[str, Any], columns: Optional[Mapping[s
     ``columns``: ``{headline score: column name}`` to show (default: every headline score). Per score:
     the method's value and its change against the baseline, plus the paired bootstrap's p when the test
     is per score; an exact McNemar test (one per method, on each question's correctness) gets its own
-    ``p`` column. Scores that do not fit in ``width`` are left out, and the table says so; every score
-    and test is in ``comparison.json``."""
+    ``p`` column and its minimum detectable effect an ``mde`` column. A per-score bootstrap's minimum
+    detectable effects are listed under the table, per method (they do not fit beside three scores).
+    Columns are as wide as their contents.
+    Scores that do not fit in ``width`` are left out, and the table says so; every score and test is in
+    ``comparison.json``."""
     methods = comparison["methods"]
     baseline = comparison["baseline"]
     heads = methods[baseline]["scores"]
     shown = {k: v for k, v in (columns or {k: k for k in heads}).items() if k in heads}
-    # McNemar: one p per method ({"b", "c", "p"}); bootstrap: one {"p", "ci95", ...} per score
+    compared = {m: e for m, e in methods.items() if m != baseline}
+    # McNemar: one p per method ({"b", "c", "p", ...}); bootstrap: one {"p", "ci95", "mde", ...} per score
     mcnemar = any("p" in e.get("test", {}) and not isinstance(e["test"]["p"], dict) for e in methods.values())
-    label_width = min(max(len("method"), *(len(m) for m in methods)), MAX_LABEL) + 2
-    cell = 7 + 7 + (0 if mcnemar else 8)            # value, change[, p]
-    tail = 8 if mcnemar else 0
-    room = max(1, (width - label_width - tail) // (cell + 2))
+    values = {m: {k: _number(e["scores"].get(k)) for k in shown} for m, e in methods.items()}
+    changes = {m: {k: _number(e["difference"].get(k), signed=True) for k in shown} for m, e in compared.items()}
+    # a comparison written before minimum detectable effects were computed has none: no mde column then
+    mde_column = mcnemar and "mde" in comparison
+    mdes = {m: _mde(e["test"].get("mde")) for m, e in compared.items()} if mde_column else {}
+    w_value = max([len("value"), *(len(v) for row in values.values() for v in row.values())])
+    w_change = max([len("change"), *(len(v) for row in changes.values() for v in row.values())])
+    w_p = len("<0.001")
+    w_mde = max([len("mde"), *(len(v) for v in mdes.values())])
+    cell = w_value + 1 + w_change + (0 if mcnemar else 1 + w_p)
+    tail = (GAP + w_p if mcnemar else 0) + (GAP + w_mde if mde_column else 0)
+    label_width = min(max(len("method"), *(len(m) for m in methods)), MAX_LABEL) + GAP
+    room = max(1, (width - label_width - tail) // (cell + GAP))
     left_out = list(shown)[room:]
     shown = dict(list(shown.items())[:room])
 
-    def row(label: str, cells: Sequence[str], end: str = "") -> str:
-        label = label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 3] + "..."
-        return (f"{label:<{label_width}}" + "".join(f"{c:>{cell + 2}}" for c in cells) + end).rstrip()
+    def short(label: str) -> str:
+        return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 3] + "..."
 
-    lines = [row("", [name[: cell] for name in shown.values()], f"{'p':>{tail}}" if mcnemar else ""),
-             row("method", [f"{'value':>6} {'change':>7}" + ("" if mcnemar else f" {'p':>7}") for _ in shown])]
+    def row(label: str, cells: Sequence[str], end: Sequence[str] = ()) -> str:
+        widths = (w_p, w_mde)
+        return (f"{short(label):<{label_width}}" + "".join(f"{c:>{cell + GAP}}" for c in cells)
+                + "".join(f"{e:>{w + GAP}}" for e, w in zip(end, widths))).rstrip()
+
+    def value_cell(value: str, change: str = "", p: str = "") -> str:
+        return f"{value:>{w_value}} {change:>{w_change}}" + ("" if mcnemar else f" {p:>{w_p}}")
+
+    lines = [row("", [name[: cell] for name in shown.values()], ["p", "mde"][: int(mcnemar) + int(mde_column)]),
+             row("method", [value_cell("value", "change", "p") for _ in shown])]
     for m, entry in methods.items():
-        cells = []
-        for key in shown:
-            value = _number(entry["scores"].get(key))
-            if m == baseline:
-                cells.append(f"{value:>6}{'':>8}" + ("" if mcnemar else f"{'':>8}"))
-                continue
-            change = _number(entry["difference"].get(key), signed=True)
-            test = entry["test"]
-            p = "" if mcnemar else f" {format_p(test[key]['p'] if key in test else None):>7}"
-            cells.append(f"{value:>6} {change:>7}{p}")
-        end = ""
-        if mcnemar and m != baseline:
-            end = f"{format_p(entry['test']['p']):>{tail}}"
-        lines.append(row(m, cells, end))
+        if m == baseline:
+            lines.append(row(m, [value_cell(values[m][key]) for key in shown]))
+            continue
+        test = entry["test"]
+        cells = [value_cell(values[m][key], changes[m][key], format_p(test[key]["p"] if key in test else None))
+                 for key in shown]
+        ends = ([format_p(test["p"])] + ([mdes[m]] if mde_column else [])) if mcnemar else []
+        lines.append(row(m, cells, ends))
     title = f"{comparison['benchmark']}: {comparison['questions']} questions, change against {baseline}"
-    note = f"p: {comparison['test']}" + (f"; not shown: {', '.join(left_out)}" if left_out else "")
-    return "\n".join([title, *lines, *textwrap.wrap(note, width)])
+    note = f"p: {comparison['test']}"
+    # short legends (the screen has one or two lines per table for them); comparison["mde"] says it in full
+    power = f"with {stats.PLANNED_POWER:.0%} power"
+    listed = ""   # the bootstrap's minimum detectable effects, per method, under the table
+    if mde_column:
+        note += f"; mde: accuracy change {power}"
+    elif "mde" in comparison:
+        def method_mdes(entry: Mapping[str, Any]) -> str:   # "-" where a score has none
+            return "/".join(_mde(entry["test"][key].get("mde")) if key in entry["test"] else "-" for key in shown)
+        listed = f"mde ({'/'.join(shown.values())}), change {power}: " + "; ".join(
+            f"{short(m)} {method_mdes(e)}".replace(" ", NO_BREAK) for m, e in compared.items())
+    note += f"; not shown: {', '.join(left_out)}" if left_out else ""
+    notes = [line.replace(NO_BREAK, " ") for text in (note, listed) for line in textwrap.wrap(text, width)]
+    return "\n".join([title, *lines, *notes])

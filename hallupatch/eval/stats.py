@@ -10,7 +10,7 @@ multiple-comparison correction.
   p-value is two-sided, ``min(1, 2 * min(P(d* <= 0), P(d* >= 0)))`` for the resampled differences
   ``d*``, and the 95% interval is their 2.5th and 97.5th percentiles.
 * Power: :func:`mcnemar_power` (exact), :func:`mcnemar_mde`, :func:`mcnemar_sample_size`, and
-  :func:`bootstrap_mde` (normal approximation) for the bootstrap.
+  :func:`bootstrap_mde` and :func:`bootstrap_sample_size` (normal approximation) for the bootstrap.
 * :func:`holm`: Holm's step-down adjustment of a family of p-values.
 
 A test *rejects* ("finds a difference") when its p-value is **below** ``alpha`` (``p < alpha``), the rule the
@@ -26,6 +26,8 @@ from typing import Callable, Dict, List, Mapping, Sequence
 import numpy as np
 
 BOOTSTRAP_RESAMPLES = 1000
+ALPHA = 0.05          # the significance level of every reported test and minimum detectable effect
+PLANNED_POWER = 0.8   # the power a minimum detectable effect is computed for
 MAX_SAMPLE_SIZE = 200_000   # mcnemar_sample_size searches no further by default
 
 
@@ -98,7 +100,7 @@ def _xlogy(x: np.ndarray, y: float) -> np.ndarray:
 
 
 def _binomial_log_pmf(trials: np.ndarray, successes: np.ndarray, p: float) -> np.ndarray:
-    """``log P(Binomial(trials, p) = successes)``, elementwise; ``-inf`` where ``successes`` is outside ``0..trials``."""
+    """``log P(Binomial(trials, p) = successes)``, elementwise; ``-inf`` outside ``0 <= successes <= trials``."""
     trials, successes = np.broadcast_arrays(np.asarray(trials), np.asarray(successes))
     inside = (successes >= 0) & (successes <= trials)
     t, s = np.where(inside, trials, 0), np.where(inside, successes, 0)
@@ -189,7 +191,7 @@ def _power_curve(max_n: int, discordance: float, effect: float, alpha: float) ->
     return power
 
 
-def mcnemar_power(n: int, discordance: float, effect: float, alpha: float = 0.05) -> float:
+def mcnemar_power(n: int, discordance: float, effect: float, alpha: float = ALPHA) -> float:
     """Exact power of :func:`mcnemar_exact` (rejecting when ``p < alpha``) on ``n`` paired questions.
 
     Each question is discordant (the two methods disagree on it) with probability ``discordance``, and
@@ -209,7 +211,7 @@ def mcnemar_power(n: int, discordance: float, effect: float, alpha: float = 0.05
     return float(min(1.0, d_pmf @ rejection))
 
 
-def mcnemar_mde(n: int, discordance: float, power: float = 0.8, alpha: float = 0.05) -> float:
+def mcnemar_mde(n: int, discordance: float, power: float = PLANNED_POWER, alpha: float = ALPHA) -> float:
     """Minimum detectable accuracy difference (a share, not points): the smallest ``effect >= 0`` whose
     :func:`mcnemar_power` reaches ``power`` with ``n`` paired questions at this ``discordance``.
 
@@ -237,7 +239,7 @@ def mcnemar_mde(n: int, discordance: float, power: float = 0.8, alpha: float = 0
     return high
 
 
-def mcnemar_sample_size(discordance: float, effect: float, power: float = 0.8, alpha: float = 0.05,
+def mcnemar_sample_size(discordance: float, effect: float, power: float = PLANNED_POWER, alpha: float = ALPHA,
                         max_n: int = MAX_SAMPLE_SIZE) -> int:
     """The smallest number of paired questions ``n`` whose :func:`mcnemar_power` reaches ``power``.
 
@@ -265,7 +267,13 @@ def mcnemar_sample_size(discordance: float, effect: float, power: float = 0.8, a
         horizon *= 4
 
 
-def bootstrap_mde(resampled_differences: Sequence[float], power: float = 0.8, alpha: float = 0.05) -> float:
+def normal_mde_factor(power: float = PLANNED_POWER, alpha: float = ALPHA) -> float:
+    """``z_{1 - alpha/2} + z_{power}``: a two-sided normal test's minimum detectable effect in standard errors."""
+    normal = NormalDist()
+    return normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(power)
+
+
+def bootstrap_mde(resampled_differences: Sequence[float], power: float = PLANNED_POWER, alpha: float = ALPHA) -> float:
     """Minimum detectable difference of a paired bootstrap, by the normal approximation:
     ``(z_{1 - alpha/2} + z_{power}) * sd`` of the resampled differences (``sd`` with ``ddof=1``; non-finite
     resamples left out), in the metric's own units. ``nan`` with fewer than two finite resamples, or when
@@ -280,8 +288,20 @@ def bootstrap_mde(resampled_differences: Sequence[float], power: float = 0.8, al
     sd = float(np.std(d, ddof=1))
     if sd == 0:
         return float("nan")
-    normal = NormalDist()
-    return (normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(target)) * sd
+    return normal_mde_factor(target, alpha) * sd
+
+
+def bootstrap_sample_size(n: int, mde: float, effect: float) -> int:
+    """Items a paired bootstrap needs for its minimum detectable difference to reach ``effect``, from a
+    run of ``n`` items whose :func:`bootstrap_mde` was ``mde`` (same power and alpha): the spread of a
+    mean of ``n`` items shrinks as ``1 / sqrt(n)``, so ``ceil(n * (mde / effect) ** 2)``."""
+    n = _check_questions("n", n)
+    for name, value in (("mde", mde), ("effect", effect)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number (in the metric's units); got {value}")
+    return max(1, math.ceil(n * (mde / effect) ** 2 - 1e-9))
 
 
 # --------------------------------------------------------------------------- multiplicity
