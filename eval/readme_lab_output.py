@@ -40,10 +40,11 @@ def run_main_job(work: Path) -> Path:
     return work / DEFAULT_OUTPUT
 
 
-def readme_with(text: str, readme: str) -> str:
-    """``readme`` with the block between the markers replaced by ``text`` in a fenced block."""
-    start, end = readme.index(BEGIN), readme.index(END)
-    return readme[: start + len(BEGIN)] + "\n```\n" + text.rstrip("\n") + "\n```\n" + readme[end:]
+def readme_with(text: str, readme: str, begin: str = BEGIN, end: str = END) -> str:
+    """``readme`` with the block between the markers ``begin`` and ``end`` replaced by ``text`` in a
+    fenced block."""
+    start, stop = readme.index(begin), readme.index(end)
+    return readme[: start + len(begin)] + "\n```\n" + text.rstrip("\n") + "\n```\n" + readme[stop:]
 
 
 def main() -> None:

@@ -172,3 +172,17 @@ def test_unknown_seeds_are_refused(tmp_path, tiny_study):
                               no_progress=True)
     with pytest.raises(ValueError, match="no shipped lab checkpoint for seed"):
         lab_study.run_study(args, cli.run)
+
+
+@pytest.mark.parametrize("split", ["test", "heldout"])
+def test_the_readme_shows_the_stored_study_as_todays_code_renders_it(split):
+    """The README's tables are generated from a stored run (eval/readme_lab_study.py)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    stored = json.loads((root / "tests" / "data" / "lab_study" / f"{split}-study.json").read_text(encoding="utf-8"))
+    assert stored["split"] == split and len(stored["seeds"]) >= 3   # every finding is reported per seed
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    begin, end = f"<!-- lab-study-{split}:begin -->", f"<!-- lab-study-{split}:end -->"
+    block = readme[readme.index(begin) + len(begin):readme.index(end)].strip()
+    assert block == "```\n" + lab_study.render(stored) + "\n```"
