@@ -208,3 +208,15 @@ def test_write_weak_writes_pope_files_the_harness_reads(tmp_path):
     assert all(q.image_name.endswith("_weak.png") for q in weak)
     assert [q.question for q in weak] == [q.question for q in full]
     assert (tmp_path / "images" / weak[0].image_name).is_file() and (tmp_path / "images" / full[0].image_name).is_file()
+
+
+def test_the_readme_states_what_the_training_texts_teach_about_the_prior():
+    """The README's figure is recomputed from the training generators (seed 0, the default checkpoint)."""
+    from pathlib import Path
+
+    from hallupatch.lab.train import partner_question_yes_share
+
+    taught = partner_question_yes_share(TrainConfig(seed=0))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"{100 * taught['yes_share']:.1f}% of the {taught['questions']:,} questions" in readme
+    assert 0.5 < taught["yes_share"] < 0.7   # hidden partners make "yes" the better bet
