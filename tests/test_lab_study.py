@@ -41,30 +41,30 @@ def _study(seeds=(0, 1, 2)):
 
 
 def test_comparisons_match_independent_references():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    import scipy.stats as scipy_stats   # test-only dependencies (the test extra)
+    import statsmodels.stats.multitest as multitest
     from hallupatch.eval.stats import mcnemar_power
 
     study = _study()
     table = lab_study.comparisons(study)
-    for seed in study["seeds"]:
-        keys = [k for k in table if k[0] == seed]
-        assert len(keys) == len(lab_study.COMPARED) * len(lab_study.grids())
-        raw = []
-        for key in keys:
-            counts = study["parts"][str(seed)]["results"][key[1]]["methods"][key[2]]
-            b, c, n = counts["b"], counts["c"], counts["n"]
-            expected = scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
-            assert table[key]["p"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
-            assert table[key]["change"] == pytest.approx(100 * (c - b) / n)
-            assert table[key]["planted_change"] == pytest.approx(
-                100 * (counts["method_planted_errors"] - counts["base_planted_errors"]) / counts["planted_n"])
-            mde = table[key]["mde"] / 100
-            if math.isfinite(mde):   # the MDE is where the exact power reaches 80%
-                assert mcnemar_power(n, (b + c) / n, min(mde, (b + c) / n)) >= 0.8 - 1e-6
-            raw.append(table[key]["p"])
-        holm = multitest.multipletests(raw, method="holm")[1]
-        assert [table[k]["holm"] for k in keys] == pytest.approx(list(holm), rel=1e-12)
+    keys = list(table)
+    assert len(keys) == len(study["seeds"]) * len(lab_study.COMPARED) * len(lab_study.grids())
+    raw = []
+    for key in keys:   # one Holm family: every comparison of the table
+        seed = key[0]
+        counts = study["parts"][str(seed)]["results"][key[1]]["methods"][key[2]]
+        b, c, n = counts["b"], counts["c"], counts["n"]
+        expected = scipy_stats.binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
+        assert table[key]["p"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert table[key]["change"] == pytest.approx(100 * (c - b) / n)
+        assert table[key]["planted_change"] == pytest.approx(
+            100 * (counts["method_planted_errors"] - counts["base_planted_errors"]) / counts["planted_n"])
+        mde = table[key]["mde"] / 100
+        if math.isfinite(mde):   # the MDE is where the exact power reaches 80%
+            assert mcnemar_power(n, (b + c) / n, min(mde, (b + c) / n)) >= 0.8 - 1e-6
+        raw.append(table[key]["p"])
+    holm = multitest.multipletests(raw, method="holm")[1]
+    assert [table[k]["holm"] for k in keys] == pytest.approx(list(holm), rel=1e-12)
 
 
 def test_a_finding_holds_only_with_one_sign_and_a_corrected_p_on_every_seed():

@@ -12,7 +12,7 @@ Every method against ``none`` on the lab's two planted causes, on every shipped 
    the harness (answers stored and resumable, one folder per seed / split / set / method).
 
 The table shows, per seed, each method's change in accuracy against ``none``, the exact McNemar p, the
-Holm-corrected p over every (method x set) comparison of that seed and split, and the minimum
+Holm-corrected p over every (seed x method x set) comparison of the table, and the minimum
 detectable effect at the observed discordance; a finding **holds** when every seed shows the same sign
 with a corrected p < 0.05. Everything printed is a function of ``study.json`` (:func:`render`), which
 keeps the counts each figure is computed from.
@@ -314,27 +314,25 @@ def run_study(args, run_benchmark: Runner) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the table
 def comparisons(study: Mapping[str, Any]) -> Dict[Tuple[int, str, str], Dict[str, float]]:
-    """``{(seed, set, method): {"change", "p", "holm", "mde", "discordance", "n"}}``: accuracy change in
-    points, raw exact McNemar p, Holm-corrected p over every comparison of that seed, and the minimum
-    detectable effect (points) at the observed discordance."""
+    """``{(seed, set, method): {"change", "p", "holm", "mde", "discordance", "n", "planted_change"}}``:
+    accuracy change in points, raw exact McNemar p, Holm-corrected p over every (seed x set x method)
+    comparison of the table, the minimum detectable effect (points) at the observed discordance, and the
+    change of the planted error's rate (points)."""
     from hallupatch.eval.stats import holm, mcnemar_exact, mcnemar_mde
 
     out: Dict[Tuple[int, str, str], Dict[str, float]] = {}
     for seed in study["seeds"]:
-        keys, pvalues = [], []
         for qset in COMPARED:
             for method, c in study["parts"][str(seed)]["results"][qset.name]["methods"].items():
-                p = mcnemar_exact(c["b"], c["c"])
                 discordance = (c["b"] + c["c"]) / c["n"]
                 out[(seed, qset.name, method)] = {
-                    "change": 100 * (c["c"] - c["b"]) / c["n"], "p": p, "n": c["n"], "discordance": discordance,
+                    "change": 100 * (c["c"] - c["b"]) / c["n"], "p": mcnemar_exact(c["b"], c["c"]), "n": c["n"],
+                    "discordance": discordance,
                     "mde": 100 * mcnemar_mde(c["n"], discordance, power=study["power"], alpha=study["alpha"]),
                     "planted_change": 100 * (c["method_planted_errors"] - c["base_planted_errors"]) / max(1, c["planted_n"]),
                 }
-                keys.append((seed, qset.name, method))
-                pvalues.append(p)
-        for key, corrected in zip(keys, holm(pvalues)):
-            out[key]["holm"] = corrected
+    for key, corrected in zip(out, holm([row["p"] for row in out.values()])):
+        out[key]["holm"] = corrected
     return out
 
 
@@ -344,6 +342,11 @@ def holds(rows: Sequence[Mapping[str, float]], alpha: float = ALPHA) -> str:
     if len(signs) == 1 and 0 not in signs and all(r["holm"] < alpha for r in rows):
         return "yes " + ("+" if signs.pop() > 0 else "-")
     return "no"
+
+
+def planted_rate(figures: Mapping[str, int]) -> float:
+    """A set's planted error rate (%) from ``none``'s figures: wrong answers to the planted label's questions."""
+    return 100 * figures["planted_errors"] / figures["planted_n"]
 
 
 def _p(p: float) -> str:
@@ -366,8 +369,7 @@ def render(study: Mapping[str, Any]) -> str:
         cells = []
         for seed in seeds:
             here, ctrl = parts[seed]["results"][qset.name]["none"], parts[seed]["results"][qset.control]["none"]
-            cells.append(f"seed {seed} {100 * here['planted_errors'] / here['planted_n']:.1f} / "
-                         f"{100 * ctrl['planted_errors'] / ctrl['planted_n']:.1f}")
+            cells.append(f"seed {seed} {planted_rate(here):.1f} / {planted_rate(ctrl):.1f}")
         lines.append(f"  {qset.cause + ', ' + kind:<36}" + "   ".join(cells))
     lines.append("questions per set (sized on dev for 80% power at a 2-point change; seeds " +
                  ", ".join(map(str, seeds)) + "):")
@@ -388,10 +390,10 @@ def render(study: Mapping[str, Any]) -> str:
                                                     if published[method].get(k) != v) or "published"))
         lines += textwrap.wrap(" | ".join(picks), SCREEN_WIDTH, initial_indent=f"  {method:<7}",
                                subsequent_indent=" " * 9)
-    per_seed = len(table) // len(seeds)
     lines += ["", "accuracy change against none (points); p: exact McNemar, two-sided; holm: Holm-corrected over",
-              f"the {per_seed} comparisons of a seed; mde: minimum detectable effect (points; 80% power, alpha "
-              "0.05) at", "the observed discordance; holds: the same sign on every seed, each with holm < 0.05",
+              f"all {len(table)} comparisons of this table; mde: minimum detectable effect (points; 80% power, "
+              "alpha 0.05)", "at the observed discordance; holds: the same sign on every seed, each with "
+              "holm < 0.05",
               f"{'':<19}" + "".join(f"{'seed ' + str(s):^25}" for s in seeds),
               f"{'method':<7}{'set':<12}" + "".join(f"{'change':>7}{'p':>6}{'holm':>6}{'mde':>5} " for _ in seeds)
               + "holds"]
@@ -400,4 +402,17 @@ def render(study: Mapping[str, Any]) -> str:
             rows = [table[(s, qset.name, method)] for s in seeds]
             cells = "".join(f"{r['change']:>+7.2f}{_p(r['p']):>6}{_p(r['holm']):>6}{r['mde']:>5.1f} " for r in rows)
             lines.append(f"{method:<7}{qset.name:<12}{cells}{holds(rows)}")
+    lines += ["", "the planted error (wrong answers to the questions of the planted label): none's rate (%) and each",
+              f"method's change (points), seeds {' / '.join(map(str, seeds))}",
+              f"{'':<7}" + "".join(f"{q.name + (' false yes' if q.planted == 'no' else ' false no'):>24}"
+                                   for q in COMPARED)]
+    for label in ["none", *published]:
+        cells = []
+        for qset in COMPARED:
+            if label == "none":
+                values = [f"{planted_rate(parts[s]['results'][qset.name]['none']):5.1f}" for s in seeds]
+            else:
+                values = [f"{table[(s, qset.name, label)]['planted_change']:+5.1f}" for s in seeds]
+            cells.append(f"{' '.join(values):>24}")
+        lines.append(f"{label:<7}" + "".join(cells))
     return "\n".join(line.rstrip() for line in lines)
