@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import pytest
 import torch
 from transformers import AutoModelForVision2Seq, AutoProcessor
 
@@ -52,3 +53,27 @@ def case_inputs(processor, case_name: str):
     videos = [video for row in rows for video in tiny.case_videos(row)]
     return texts, processor(text=texts, images=images or None, videos=videos or None, padding=True,
                             return_tensors="pt")
+
+
+@pytest.fixture(scope="module", params=tiny.FAMILIES)
+def loaded(request, tmp_path_factory):
+    """``(model, processor)`` of a tiny installed checkpoint, once per family (import it into a test module)."""
+    path = installed_checkpoint(tmp_path_factory.mktemp(request.param) / request.param, request.param)
+    return load_model(path), load_processor(path)
+
+
+def render(processor, rows, with_image=True):
+    """The chat texts of ``rows`` (each a list of image specs and one text, tests/tiny_qwen2_vl.py);
+    ``with_image=False`` renders the same conversations without their images."""
+    texts = []
+    for row in rows:
+        kept = row if with_image else [item for item in row if not isinstance(item, tuple)]
+        texts.append(processor.apply_chat_template(tiny.case_messages(kept), tokenize=False, add_generation_prompt=True))
+    return texts
+
+
+def encode_rows(processor, rows):
+    """``(texts, inputs)``: the rows' chat texts and the processor's left-padded batch with their images."""
+    texts = render(processor, rows)
+    images = [image for row in rows for image in tiny.case_images(row)]
+    return texts, processor(text=texts, images=images, padding=True, return_tensors="pt")

@@ -10,7 +10,7 @@ import hallupatch
 import tiny_qwen2_vl as tiny
 from hallupatch import add_diffusion_noise, icd_prompt
 from baselines_reference import greedy_loop
-from qwen2_vl_fixtures import installed_checkpoint, load_model, load_processor
+from qwen2_vl_fixtures import encode_rows, loaded, render  # noqa: F401 (loaded: a fixture)
 
 STEPS = 3
 ROWS = {   # two image rows of different lengths (left-padded together)
@@ -21,25 +21,8 @@ SYSTEM = "You are a helpful assistant."
 INSTRUCTION = "You are a confused object detector."
 
 
-@pytest.fixture(scope="module", params=tiny.FAMILIES)
-def loaded(request, tmp_path_factory):
-    path = installed_checkpoint(tmp_path_factory.mktemp(request.param) / request.param, request.param)
-    return load_model(path), load_processor(path)
-
-
-def render(processor, rows, with_image=True):
-    """The chat texts of ``rows``; ``with_image=False`` renders the same conversation without its images."""
-    texts = []
-    for row in rows:
-        kept = row if with_image else [item for item in row if not isinstance(item, tuple)]
-        texts.append(processor.apply_chat_template(tiny.case_messages(kept), tokenize=False, add_generation_prompt=True))
-    return texts
-
-
 def encode(processor, rows):
-    texts = render(processor, rows)
-    images = [image for row in rows for image in tiny.case_images(row)]
-    return texts, processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return encode_rows(processor, rows)
 
 
 def last_logits(model, ids, mask, **images):

@@ -18,7 +18,7 @@ import tiny_qwen2_vl as tiny
 from baselines_reference import amplified, pai_cfg
 from hallupatch.methods import opera as opera_module
 from hallupatch.testing.columnar import ForceTokenAt
-from qwen2_vl_fixtures import installed_checkpoint, load_model, load_processor
+from qwen2_vl_fixtures import encode_rows, loaded, render  # noqa: F401 (loaded: a fixture)
 
 STEPS = 3
 ONE_IMAGE = [(84, 56, 5), "Is there a cat in the image?"]
@@ -28,23 +28,8 @@ SUMMARY_POSITION = 12      # OPERA: the planted summary token is forced at this 
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module", params=tiny.FAMILIES)
-def loaded(request, tmp_path_factory):
-    path = installed_checkpoint(tmp_path_factory.mktemp(request.param) / request.param, request.param)
-    return load_model(path), load_processor(path)
-
-
-def render(processor, rows, with_image=True):
-    texts = []
-    for row in rows:
-        kept = row if with_image else [item for item in row if not isinstance(item, tuple)]
-        texts.append(processor.apply_chat_template(tiny.case_messages(kept), tokenize=False, add_generation_prompt=True))
-    return texts
-
-
 def encode(processor, rows):
-    images = [image for row in rows for image in tiny.case_images(row)]
-    return processor(text=render(processor, rows), images=images, padding=True, return_tensors="pt")
+    return encode_rows(processor, rows)[1]
 
 
 def image_columns(model, ids):
