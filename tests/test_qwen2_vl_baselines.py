@@ -10,7 +10,7 @@ import hallupatch
 import tiny_qwen2_vl as tiny
 from hallupatch import add_diffusion_noise, icd_prompt
 from baselines_reference import greedy_loop
-from qwen2_vl_fixtures import encode_rows, loaded, render  # noqa: F401 (loaded: a fixture)
+from qwen2_vl_fixtures import encode_rows, installed_checkpoint, loaded, render  # noqa: F401 (loaded: a fixture)
 
 STEPS = 3
 ROWS = {   # two image rows of different lengths (left-padded together)

@@ -18,7 +18,7 @@ import tiny_qwen2_vl as tiny
 from baselines_reference import amplified, pai_cfg
 from hallupatch.methods import opera as opera_module
 from hallupatch.testing.columnar import ForceTokenAt
-from qwen2_vl_fixtures import encode_rows, loaded, render  # noqa: F401 (loaded: a fixture)
+from qwen2_vl_fixtures import encode_rows, installed_checkpoint, loaded, render  # noqa: F401 (loaded: a fixture)
 
 STEPS = 3
 ONE_IMAGE = [(84, 56, 5), "Is there a cat in the image?"]
