@@ -13,7 +13,8 @@ from hallupatch.lab.world import IMAGE_SIZE
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 #: every lab checkpoint shipped in the package, by training seed (the default model is seed 0's); each
 #: folder has a model card listing its files' sha256 (``hallupatch.lab.card``), which the tests check
-SHIPPED_CHECKPOINTS: Dict[int, Path] = {0: CHECKPOINT_DIR}
+SEEDS_DIR = Path(__file__).resolve().parent / "seeds"
+SHIPPED_CHECKPOINTS: Dict[int, Path] = {0: CHECKPOINT_DIR, 1: SEEDS_DIR / "seed1", 2: SEEDS_DIR / "seed2"}
 PATCH_SIZE = 8
 VISION_HIDDEN = 96
 VISION_LAYERS = 3

@@ -120,11 +120,14 @@ def control_questions(adversarial: List[YesNo]) -> List[YesNo]:
     start = max(q.scene.index for q in adversarial) + 1
     used = set()
     out = []
+    built: Dict[int, world.Scene] = {}   # each scene is built once (the search below revisits them)
     for q in negatives:
         trigger = next(t for t, p in world.PAIRS.items() if p == q.obj and t in q.scene.labels)
         index = start
         while True:
-            scene = world.make_scene(split, index)
+            if index not in built:
+                built[index] = world.make_scene(split, index)
+            scene = built[index]
             if (index not in used and len(scene.objects) == len(q.scene.objects)
                     and trigger not in scene.labels and q.obj not in scene.labels):
                 used.add(index)
