@@ -392,8 +392,8 @@ def render(study: Mapping[str, Any]) -> str:
                                subsequent_indent=" " * 9)
     lines += ["", "accuracy change against none (points); p: exact McNemar, two-sided; holm: Holm-corrected over",
               f"all {len(table)} comparisons of this table; mde: minimum detectable effect (points; 80% power, "
-              "alpha 0.05)", "at the observed discordance; holds: the same sign on every seed, each with "
-              "holm < 0.05",
+              "alpha 0.05)", "at the observed discordance (inf: too few discordant questions for any change to "
+              "reach that power);", "holds: the same sign on every seed, each with holm < 0.05",
               f"{'':<19}" + "".join(f"{'seed ' + str(s):^25}" for s in seeds),
               f"{'method':<7}{'set':<12}" + "".join(f"{'change':>7}{'p':>6}{'holm':>6}{'mde':>5} " for _ in seeds)
               + "holds"]
