@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 import hallupatch
 from hallupatch.methods import opera as opera_module
 from hallupatch.methods.opera import column_scores
-from hallupatch.testing.columnar import ForceTokenAt, plant_columnar_token
+from hallupatch.testing.columnar import ForceTokenAt, plant_columnar_token, record_candidate_rows
 from hallupatch.testing.tiny import tiny_image, tiny_llava
 
 PROMPTS = ["<image> describe the picture answer", "what color is the square in this <image> photo ? answer"]
@@ -89,14 +89,7 @@ def test_one_step_penalties_match_a_float64_recomputation(planted, monkeypatch, 
     model = copy.deepcopy(model)
     reference = copy.deepcopy(model).double()
     batch = inputs(processor, [0])
-    seen = []
-    original = opera_module._SampleSearch._candidate_rows
-
-    def spy(self, input_ids, candidates, outputs, model_kwargs):
-        seen.append(input_ids.clone())
-        return original(self, input_ids, candidates, outputs, model_kwargs)
-
-    monkeypatch.setattr(opera_module._SampleSearch, "_candidate_rows", spy)
+    seen = record_candidate_rows(monkeypatch)
     hallupatch.apply(model, method="opera", scale_factor=3.0, penalty_weights=0.5, threshold=100)
     run(model, batch, logits_processor=forcing(processor, summary))
     step = hallupatch.get_trace(model, "opera").candidates[0][iteration]

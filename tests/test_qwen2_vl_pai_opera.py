@@ -16,8 +16,7 @@ from transformers import LogitsProcessorList
 import hallupatch
 import tiny_qwen2_vl as tiny
 from baselines_reference import amplified, pai_cfg
-from hallupatch.methods import opera as opera_module
-from hallupatch.testing.columnar import ForceTokenAt
+from hallupatch.testing.columnar import ForceTokenAt, plant_columnar_token, record_candidate_rows
 from qwen2_vl_fixtures import encode_rows, installed_checkpoint, loaded, render  # noqa: F401 (loaded: a fixture)
 
 STEPS = 3
@@ -119,31 +118,12 @@ def test_pai_left_padded_batch_equals_each_row_alone_and_remove_is_exact(loaded)
 
 
 # -- OPERA ----------------------------------------------------------------------------------------------------
-def plant_columnar_token(model, token_id: int, strength: float = 12.0, gain: float = 3.0):
-    """The last decoder layer's every head reads ``token_id``'s key from every later position (Qwen2's
-    rope_theta 1e6 leaves the last rotary pair still over these lengths): OPERA's aggregation pattern."""
-    attention = model.model.layers[-1].self_attn
-    head_dim = attention.head_dim
-    with torch.no_grad():
-        embedding = model.model.embed_tokens.weight
-        embedding[:, 0] = strength
-        embedding[:, 1] = 0.0
-        embedding[token_id, 1] = strength
-        for projection, heads, column in ((attention.q_proj, attention.num_heads, 0),
-                                          (attention.k_proj, attention.num_key_value_heads, 1)):
-            for head in range(heads):
-                row = head * head_dim + head_dim - 1
-                projection.weight[row].zero_()
-                projection.bias[row] = 0.0
-                projection.weight[row, column] = gain
-    return model
-
-
 @pytest.fixture(scope="module")
 def planted(loaded):
     model, processor = loaded
     summary = processor.tokenizer.convert_tokens_to_ids(".")
-    return plant_columnar_token(copy.deepcopy(model), summary), processor, summary
+    model = copy.deepcopy(model)   # Qwen2's rope_theta 1e6 leaves the last rotary pair still over these lengths
+    return plant_columnar_token(model, summary, decoder=model.model, still_rope=False), processor, summary
 
 
 def forcing(inputs, summary):
@@ -178,14 +158,7 @@ def float64_candidates(model64, images, sequence, prompt_length, columns, scale,
 
 def spied_run(model, inputs, monkeypatch, **kwargs):
     """OPERA's beam search, keeping the beams' sequences that each iteration's candidates extend."""
-    seen = []
-    original = opera_module._SampleSearch._candidate_rows
-
-    def spy(self, input_ids, candidates, outputs, model_kwargs):
-        seen.append(input_ids.clone())
-        return original(self, input_ids, candidates, outputs, model_kwargs)
-
-    monkeypatch.setattr(opera_module._SampleSearch, "_candidate_rows", spy)
+    seen = record_candidate_rows(monkeypatch)
     return beam_search(model, inputs, **kwargs), seen
 
 

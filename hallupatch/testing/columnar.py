@@ -14,33 +14,53 @@ from transformers import LogitsProcessor
 STILL_ROPE_BASE = 1e9
 
 
-def plant_columnar_token(model, token_id: int, strength: float = 12.0, gain: float = 3.0):
-    """Make the last decoder layer of a tiny ``LlavaForConditionalGeneration`` attend to ``token_id``.
+def plant_columnar_token(model, token_id: int, strength: float = 12.0, gain: float = 3.0, decoder=None,
+                         still_rope: bool = True):
+    """Make the last decoder layer of a tiny model attend to ``token_id`` from every later position.
 
     Embedding dimension 0 becomes a constant ``strength`` (every query reads it), dimension 1 is
     ``strength`` for ``token_id`` only (its key); in every head of the last layer the last rotary
-    coordinate maps dimension 0 to the query and dimension 1 to the key with weight ``gain``, and the
-    layer's RoPE base is raised so that coordinate does not rotate. Returns the model.
+    coordinate maps dimension 0 to the query and dimension 1 to the key with weight ``gain`` (biases of
+    those rows zeroed). ``decoder``: the module holding ``layers`` and ``embed_tokens`` (default: a
+    ``LlavaForConditionalGeneration``'s); ``still_rope``: raise that layer's RoPE base so the coordinate
+    does not rotate (not needed where the base is already large, e.g. Qwen2's 1e6). Returns the model.
     """
-    lm = model.language_model
-    attention = lm.model.layers[-1].self_attn
+    decoder = decoder if decoder is not None else model.language_model.model
+    attention = decoder.layers[-1].self_attn
     head_dim = attention.head_dim
     with torch.no_grad():
-        embedding = lm.model.embed_tokens.weight
+        embedding = decoder.embed_tokens.weight
         embedding[:, 0] = strength
         embedding[:, 1] = 0.0
         embedding[token_id, 1] = strength
-        inv_freq = 1.0 / (STILL_ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        attention.rotary_emb.inv_freq.copy_(inv_freq)
-        for head in range(attention.num_heads):
-            row = head * head_dim + head_dim - 1
-            attention.q_proj.weight[row].zero_()
-            attention.q_proj.weight[row, 0] = gain
-        for head in range(attention.num_key_value_heads):
-            row = head * head_dim + head_dim - 1
-            attention.k_proj.weight[row].zero_()
-            attention.k_proj.weight[row, 1] = gain
+        if still_rope:
+            inv_freq = 1.0 / (STILL_ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+            attention.rotary_emb.inv_freq.copy_(inv_freq)
+        for projection, heads, column in ((attention.q_proj, attention.num_heads, 0),
+                                          (attention.k_proj, attention.num_key_value_heads, 1)):
+            for head in range(heads):
+                row = head * head_dim + head_dim - 1
+                projection.weight[row].zero_()
+                if projection.bias is not None:
+                    projection.bias[row] = 0.0
+                projection.weight[row, column] = gain
     return model
+
+
+def record_candidate_rows(monkeypatch) -> list:
+    """Keep, through pytest's ``monkeypatch``, the beams' sequences that each OPERA iteration's candidates
+    extend (one tensor per iteration, appended to the returned list as the search runs)."""
+    from hallupatch.methods import opera
+
+    seen: list = []
+    original = opera._SampleSearch._candidate_rows
+
+    def spy(self, input_ids, candidates, outputs, model_kwargs):
+        seen.append(input_ids.clone())
+        return original(self, input_ids, candidates, outputs, model_kwargs)
+
+    monkeypatch.setattr(opera._SampleSearch, "_candidate_rows", spy)
+    return seen
 
 
 class ForceTokenAt(LogitsProcessor):
