@@ -1,6 +1,7 @@
 """VCD, ICD and M3ID on the Qwen2-VL / Qwen2.5-VL drop-ins (tiny checkpoints), against a plain loop written
 here: main and second branch as full forwards without cache, combined by each method's formula, argmax.
 PAI and OPERA: tests/test_qwen2_vl_pai_opera.py."""
+import json
 import math
 
 import pytest
@@ -198,13 +199,19 @@ def test_videos_are_refused(loaded):
 
 
 def test_pope_runs_the_baselines_with_the_qwen2_vl_recipe(tmp_path):
-    """The eval harness builds each method's branch for Qwen2-VL (ICD's disturbed prompt through the processor)."""
+    """The eval harness builds each method's branch for Qwen2-VL (ICD's disturbed prompt through the processor),
+    PAI on the tiny decoder's depth, and OPERA's beam search."""
     from hallupatch.eval import cli
     from hallupatch.eval.store import read_answers
 
     path = installed_checkpoint(tmp_path / "q", "qwen2_vl")
     out = tmp_path / "pope"
     cli.run(["pope", "--model", str(path), "--limit", "2", "--batch-size", "2", "--max-new-tokens", "2",
-             "--device", "cpu", "--output", str(out), "--no-progress", "--method", "vcd,icd,m3id"])
-    for method in ("vcd", "icd", "m3id"):
+             "--device", "cpu", "--output", str(out), "--no-progress", "--method", "vcd,icd,m3id,pai,opera",
+             "--pai-end-layer", str(tiny.TEXT_LAYERS)])
+    for method in ("vcd", "icd", "m3id", "pai", "opera"):
         assert len(read_answers(out / method / "answers.jsonl")) == 2
+    settings = {m: json.loads((out / m / "run.json").read_text()) for m in ("pai", "opera")}
+    assert settings["opera"]["decoding"]["num_beams"] == 5 and settings["pai"]["decoding"]["num_beams"] == 1
+    assert settings["pai"]["knobs"] == {"end_layer": tiny.TEXT_LAYERS}
+    assert all("opera_rollbacks" in answer for answer in read_answers(out / "opera" / "answers.jsonl"))

@@ -6,7 +6,6 @@ formulas applied by hand — PAI's ``w + alpha |w|`` on the image columns of the
 and penalties from the last layer's attention. The image positions are the prompt's ``<|image_pad|>`` tokens,
 read from the ids here (all of them when a prompt has two images)."""
 import copy
-import json
 import math
 
 import pytest
@@ -14,10 +13,9 @@ import torch
 from transformers import LogitsProcessorList
 
 import hallupatch
-import tiny_qwen2_vl as tiny
 from baselines_reference import amplified, pai_cfg
 from hallupatch.testing.columnar import ForceTokenAt, plant_columnar_token, record_candidate_rows
-from qwen2_vl_fixtures import encode_rows, installed_checkpoint, loaded, render  # noqa: F401 (loaded: a fixture)
+from qwen2_vl_fixtures import encode_rows, loaded, render  # noqa: F401 (loaded: a fixture)
 
 STEPS = 3
 ONE_IMAGE = [(84, 56, 5), "Is there a cat in the image?"]
@@ -250,21 +248,3 @@ def test_opera_refuses_a_prompt_without_an_image(loaded):
             beam_search(model, inputs)
     finally:
         hallupatch.remove(model)
-
-
-# -- the eval harness -----------------------------------------------------------------------------------------
-def test_pope_runs_pai_and_opera_with_the_qwen2_vl_recipe(tmp_path):
-    from hallupatch.eval import cli
-    from hallupatch.eval.store import read_answers
-
-    path = installed_checkpoint(tmp_path / "q", "qwen2_vl")
-    out = tmp_path / "pope"
-    cli.run(["pope", "--model", str(path), "--limit", "2", "--batch-size", "2", "--max-new-tokens", "2",
-             "--device", "cpu", "--output", str(out), "--no-progress", "--method", "pai,opera",
-             "--pai-end-layer", str(tiny.TEXT_LAYERS)])
-    for method in ("pai", "opera"):
-        assert len(read_answers(out / method / "answers.jsonl")) == 2
-    settings = {m: json.loads((out / m / "run.json").read_text()) for m in ("pai", "opera")}
-    assert settings["opera"]["decoding"]["num_beams"] == 5 and settings["pai"]["decoding"]["num_beams"] == 1
-    assert settings["pai"]["knobs"] == {"end_layer": tiny.TEXT_LAYERS}
-    assert all("opera_rollbacks" in answer for answer in read_answers(out / "opera" / "answers.jsonl"))
