@@ -321,8 +321,11 @@ def test_item14_ctrl_c_says_where_it_stopped_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "run"
     command = ["pope", "--limit", "400", "--batch-size", "1", "--no-progress", "--output", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: give the child the default disposition, so Python installs its KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "hallupatch.eval", *command], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     answers = out / "answers.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
