@@ -171,6 +171,14 @@ def _outcomes(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Tuple[str, bool]]:
     return {r["question_id"]: (r["answer"], parse_pope_answer(r["text"]) == r["answer"]) for r in rows}
 
 
+def outcome_figures(outcomes: Mapping[str, Tuple[str, bool]], planted: str) -> Dict[str, int]:
+    """One setting's figures on some questions: ``n``, ``right``, and its planted errors (wrong answers to
+    questions labelled ``planted``) out of ``planted_n``."""
+    return {"n": len(outcomes), "right": sum(right for _, right in outcomes.values()),
+            "planted_n": sum(label == planted for label, _ in outcomes.values()),
+            "planted_errors": sum(label == planted and not right for label, right in outcomes.values())}
+
+
 def paired_counts(base: Mapping[str, Tuple[str, bool]], other: Mapping[str, Tuple[str, bool]],
                   planted: str) -> Dict[str, int]:
     """The counts a comparison is computed from, over the questions both answered: ``n``; ``b`` (``none``
@@ -179,35 +187,31 @@ def paired_counts(base: Mapping[str, Tuple[str, bool]], other: Mapping[str, Tupl
     shared = [q for q in other if q in base]
     b = sum(base[q][1] and not other[q][1] for q in shared)
     c = sum(other[q][1] and not base[q][1] for q in shared)
-    return {"n": len(shared), "b": b, "c": c,
-            "base_right": sum(base[q][1] for q in shared), "method_right": sum(other[q][1] for q in shared),
-            "planted_n": sum(base[q][0] == planted for q in shared),
-            "base_planted_errors": sum(base[q][0] == planted and not base[q][1] for q in shared),
-            "method_planted_errors": sum(other[q][0] == planted and not other[q][1] for q in shared)}
+    mine = outcome_figures({q: base[q] for q in shared}, planted)
+    theirs = outcome_figures({q: other[q] for q in shared}, planted)
+    return {"n": len(shared), "b": b, "c": c, "base_right": mine["right"], "method_right": theirs["right"],
+            "planted_n": mine["planted_n"], "base_planted_errors": mine["planted_errors"],
+            "method_planted_errors": theirs["planted_errors"]}
 
 
 def choose_on_dev(run_benchmark: Runner, backend, root: Path, overwrite: bool, progress: bool) -> Dict[str, Any]:
     """Run every grid setting on the dev sets; returns ``{"chosen": {method: knobs}, "grid": {...},
     "discordance": {method: {set: rate}}}``."""
     dev = root / "dev"
-    base: Dict[str, Dict[str, Tuple[str, bool]]] = {}
-    for qset in COMPARED:
-        data = _write_set(root, qset, "dev", DEV_QUESTIONS)
-        base[qset.name] = _outcomes(_answer(run_benchmark, backend, data, dev / qset.name, "none", Variant("none"), None,
-                                            overwrite, progress))
+    data = {qset.name: _write_set(root, qset, "dev", DEV_QUESTIONS) for qset in COMPARED}
+    base = {qset.name: _outcomes(_answer(run_benchmark, backend, data[qset.name], dev / qset.name, "none",
+                                         Variant("none"), None, overwrite, progress)) for qset in COMPARED}
     chosen, grid_scores, discordance = {}, {}, {}
     for method, settings in grids().items():
+        limit = min(DEV_QUESTIONS, COSTLY_QUESTIONS.get(method, DEV_QUESTIONS))
         scores = []
         for knobs in settings:
             label = grid_label(method, knobs)
             per_set = {}
             for qset in COMPARED:
-                data = _write_set(root, qset, "dev", DEV_QUESTIONS)
-                limit = min(DEV_QUESTIONS, COSTLY_QUESTIONS.get(method, DEV_QUESTIONS))
-                counts = paired_counts(base[qset.name], _outcomes(_answer(
-                    run_benchmark, backend, data, dev / qset.name, label, Variant(method, dict(knobs)), limit, overwrite, progress)),
-                    qset.planted)
-                per_set[qset.name] = counts
+                rows = _answer(run_benchmark, backend, data[qset.name], dev / qset.name, label,
+                               Variant(method, dict(knobs)), limit, overwrite, progress)
+                per_set[qset.name] = paired_counts(base[qset.name], _outcomes(rows), qset.planted)
             accuracy = sum(c["method_right"] / c["n"] for c in per_set.values()) / len(per_set)
             scores.append((accuracy, label, knobs, per_set))
         best = max(range(len(scores)), key=lambda i: (round(scores[i][0], 9), -i))
@@ -251,10 +255,7 @@ def evaluate_split(run_benchmark: Runner, backend, root: Path, split: str, chose
         data = _write_set(root, qset, split, count)
         folder = root / split / qset.name
         base = _outcomes(_answer(run_benchmark, backend, data, folder, "none", Variant("none"), None, overwrite, progress))
-        entry: Dict[str, Any] = {"questions": count, "none": {
-            "right": sum(r for _, r in base.values()), "n": len(base),
-            "planted_n": sum(lab == qset.planted for lab, _ in base.values()),
-            "planted_errors": sum(lab == qset.planted and not r for lab, r in base.values())}}
+        entry: Dict[str, Any] = {"questions": count, "none": outcome_figures(base, qset.planted)}
         if qset.compared:
             entry["methods"] = {}
             for method, knobs in chosen.items():
