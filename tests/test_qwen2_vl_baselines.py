@@ -164,38 +164,19 @@ def test_remove_is_bit_identical(loaded, method):
     assert torch.equal(out.scores[0][0].float(), before[0])
 
 
-def test_vcd_noise_seed_is_refused_for_patch_inputs(loaded):
+@pytest.mark.parametrize("method, knobs, call, message", [
+    # Qwen's flat patches have no batch dimension: one noise per row cannot be drawn from a seed
+    ("vcd", {"noise_seed": 3}, lambda inputs: {}, "no batch dimension.*noise_seed=None"),
+    ("vcd", {}, lambda inputs: {"do_sample": True, "num_return_sequences": 2}, "num_return_sequences=1"),
+    ("m3id", {}, lambda inputs: {"pixel_values_videos": inputs["pixel_values"],
+                                 "video_grid_thw": inputs["image_grid_thw"]}, "a video"),
+], ids=["vcd noise seed on patches", "several return sequences", "videos"])
+def test_what_the_branch_cannot_build_is_refused(loaded, method, knobs, call, message):
     model, processor = loaded
     _, inputs = encode(processor, [ROWS["one_image"]])
-    hallupatch.apply(model, "vcd", noise_seed=3)
-    try:
-        with pytest.raises(ValueError, match="no batch dimension.*noise_seed=None"):
-            model.generate(**inputs, max_new_tokens=1)
-    finally:
-        hallupatch.remove(model)
-
-
-def test_vcd_with_several_return_sequences_is_refused(loaded):
-    model, processor = loaded
-    _, inputs = encode(processor, [ROWS["one_image"]])
-    hallupatch.apply(model, "vcd")
-    try:
-        with pytest.raises(ValueError, match="num_return_sequences=1"):
-            model.generate(**inputs, max_new_tokens=1, do_sample=True, num_return_sequences=2)
-    finally:
-        hallupatch.remove(model)
-
-
-def test_videos_are_refused(loaded):
-    model, processor = loaded
-    _, inputs = encode(processor, [ROWS["one_image"]])
-    hallupatch.apply(model, "m3id")
-    try:
-        with pytest.raises(ValueError, match="a video"):
-            model.generate(**inputs, pixel_values_videos=inputs["pixel_values"], video_grid_thw=inputs["image_grid_thw"],
-                           max_new_tokens=1)
-    finally:
-        hallupatch.remove(model)
+    with hallupatch.patched(model, method=method, **knobs):
+        with pytest.raises(ValueError, match=message):
+            model.generate(**inputs, **call(inputs), max_new_tokens=1)
 
 
 def test_pope_runs_the_baselines_with_the_qwen2_vl_recipe(tmp_path):
